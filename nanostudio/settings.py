@@ -1,0 +1,186 @@
+"""Django settings for nanostudio, read from the environment.
+
+Defaults give a working single-node studio with nothing to install: SQLite,
+django-q2's ORM broker, Channels' in-memory layer. Set DATABASE_URL and
+REDIS_URL to scale out (PostgreSQL, Redis). Variables:
+
+    SECRET_KEY            signing key; if unset one is generated once and kept
+                          in NANOSTUDIO_SECRET_KEY_FILE (default <runs>/.secret_key, mode 0600)
+    DEBUG                 1/0 (default 0)
+    ALLOWED_HOSTS         comma list (default localhost,127.0.0.1,[::1])
+    CSRF_TRUSTED_ORIGINS  comma list of scheme://host[:port] (for a reverse proxy)
+    DATABASE_URL          e.g. postgres://user:pw@host/db (default SQLite <home>/db.sqlite3)
+    REDIS_URL             enables channels-redis and django-q2's Redis broker
+    NANOSTUDIO_HOME       where the SQLite file and collected static files live (default: repo root)
+    NANOSTUDIO_RUNS_DIR   where run directories live (default <home>/runs)
+    NANOSTUDIO_HTTPS      1 when served over TLS: secure cookies, SSL redirect, proxy header
+    SECURE_HSTS_SECONDS   HSTS max-age (default 0 = off; only meaningful with TLS)
+    NANOSTUDIO_RUN_TIMEOUT  longest pipeline a queue worker may run, seconds (default 7 days)
+    NANOSTUDIO_Q_WORKERS  pipelines run at once by one qcluster (default 1: they share the GPUs)
+    LOG_LEVEL             console log level (default INFO)
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from nanostudio.env import database_config, envbool, envint, envlist, load_or_create_secret_key
+
+BASE_DIR = Path(__file__).resolve().parent.parent  # the repository root
+NANOSTUDIO_HOME = Path(os.environ.get("NANOSTUDIO_HOME") or BASE_DIR).resolve()
+NANOSTUDIO_RUNS_DIR = Path(os.environ.get("NANOSTUDIO_RUNS_DIR") or NANOSTUDIO_HOME / "runs").resolve()
+
+DEBUG = envbool("DEBUG", False)
+
+# A generated key lives next to the runs (git-ignored), never in the code, and
+# survives restarts so sessions and signed queue payloads stay valid.
+SECRET_KEY = os.environ.get("SECRET_KEY", "").strip() or load_or_create_secret_key(
+    Path(os.environ.get("NANOSTUDIO_SECRET_KEY_FILE") or NANOSTUDIO_RUNS_DIR / ".secret_key")
+)
+
+ALLOWED_HOSTS = envlist("ALLOWED_HOSTS", ["localhost", "127.0.0.1", "[::1]"])
+CSRF_TRUSTED_ORIGINS = envlist("CSRF_TRUSTED_ORIGINS", [])
+
+INSTALLED_APPS = [
+    "daphne",  # first: its runserver replaces Django's, so development is ASGI too
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "channels",
+    "django_q",
+    "studio",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "nanostudio.urls"
+WSGI_APPLICATION = "nanostudio.wsgi.application"
+ASGI_APPLICATION = "nanostudio.asgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+DATABASES = {"default": database_config(default_sqlite=NANOSTUDIO_HOME / "db.sqlite3")}
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+]
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = os.environ.get("TIME_ZONE", "UTC")
+USE_I18N = True
+USE_TZ = True
+
+# Static files are served by WhiteNoise from the app process itself (daphne
+# has no static handler and GPU nodes often have no web server in front).
+# Finders let it serve straight from static/ without a collectstatic step;
+# collectstatic into STATIC_ROOT still works for a proxy in front.
+STATIC_URL = "static/"
+STATICFILES_DIRS = [BASE_DIR / "static"]
+STATIC_ROOT = NANOSTUDIO_HOME / "staticfiles"
+WHITENOISE_USE_FINDERS = True
+WHITENOISE_AUTOREFRESH = DEBUG
+
+# Security headers. TLS-only settings switch on with NANOSTUDIO_HTTPS=1, so
+# `check --deploy` on a plain-HTTP localhost install warns only about TLS.
+SECURE_CONTENT_TYPE_NOSNIFF = True
+SECURE_REFERRER_POLICY = "same-origin"
+SECURE_CROSS_ORIGIN_OPENER_POLICY = "same-origin"
+X_FRAME_OPTIONS = "DENY"
+SESSION_COOKIE_HTTPONLY = True
+HTTPS = envbool("NANOSTUDIO_HTTPS", False)
+SESSION_COOKIE_SECURE = HTTPS
+CSRF_COOKIE_SECURE = HTTPS
+SECURE_SSL_REDIRECT = envbool("SECURE_SSL_REDIRECT", HTTPS)
+if HTTPS:
+    # TLS is usually terminated by a proxy that sets this header.
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+SECURE_HSTS_SECONDS = envint("SECURE_HSTS_SECONDS", 0)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = envbool("SECURE_HSTS_INCLUDE_SUBDOMAINS", False)
+SECURE_HSTS_PRELOAD = envbool("SECURE_HSTS_PRELOAD", False)
+
+REDIS_URL = os.environ.get("REDIS_URL", "").strip()
+
+# Channels: the in-memory layer is per process, so with it the WebSocket
+# consumers tail events.jsonl themselves; with Redis a worker can push.
+# The backend is a dotted path, imported only when used, so this stays
+# importable without channels-redis installed.
+if REDIS_URL:
+    CHANNEL_LAYERS = {"default": {"BACKEND": "channels_redis.core.RedisChannelLayer", "CONFIG": {"hosts": [REDIS_URL]}}}
+else:
+    CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+
+# django-q2. A pipeline is one task that runs for hours (studio.tasks.run_pipeline).
+# The ORM broker re-delivers a task whose acknowledgement has not arrived
+# `retry` seconds after it was taken, and django-q2 has no cancel API. So:
+#   - `timeout` is the longest a pipeline may run (SIGALRM in the worker; our
+#     execute_run catches it, kills the stage's process group and marks the
+#     run failed) and `retry` is larger, so a running pipeline is never
+#     handed to a second worker;
+#   - even if it were, actions.execute_run only starts a run whose status it
+#     can switch from queued to running in one conditional UPDATE, so a
+#     redelivered task finds the run running/finished and returns;
+#   - max_attempts=1 and ack_failures: a failed pipeline is recorded on the
+#     Run (with the log tail) and is resumed by a person, not retried blindly;
+#   - one worker by default: runs queue up for the node's GPUs.
+# Cancellation is ours: a DB flag polled by execute_run plus signals to the
+# stage's process group (see studio/actions.py).
+NANOSTUDIO_RUN_TIMEOUT = envint("NANOSTUDIO_RUN_TIMEOUT", 7 * 24 * 3600)
+NANOSTUDIO_CANCEL_GRACE = float(os.environ.get("NANOSTUDIO_CANCEL_GRACE", "30"))
+Q_CLUSTER = {
+    "name": "nanostudio",
+    "workers": envint("NANOSTUDIO_Q_WORKERS", 1),
+    "timeout": NANOSTUDIO_RUN_TIMEOUT,
+    "retry": NANOSTUDIO_RUN_TIMEOUT + 3600,
+    "max_attempts": 1,
+    "ack_failures": True,
+    "catch_up": False,
+    "poll": 1,  # seconds between ORM broker polls: gentle on SQLite
+    "save_limit": 500,
+    "label": "Task queue",
+}
+if REDIS_URL:
+    Q_CLUSTER["redis"] = REDIS_URL
+else:
+    Q_CLUSTER["orm"] = "default"
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": os.environ.get("LOG_LEVEL", "INFO").upper()},
+    "loggers": {
+        # Request lines are printed by daphne already.
+        "django.server": {"level": "WARNING"},
+    },
+}
