@@ -142,7 +142,7 @@ def download_file(url: str, dest: str | os.PathLike, *, sha256: str | None = Non
                     expected = sha256 or _advertised_sha256(r.headers)
                     mode = "ab" if have and r.status_code == 206 else "wb"
                     with open(tmp, mode) as f:
-                        for chunk in r.iter_content(chunk_size=1 << 20):
+                        for chunk in r.iter_content(chunk_size=1 << 16):
                             f.write(chunk)
                             if progress is not None:
                                 progress(len(chunk))
