@@ -9,6 +9,7 @@ State changes go through studio/actions.py.
 from __future__ import annotations
 
 import secrets
+import shlex
 from pathlib import Path
 
 from django.conf import settings
@@ -16,6 +17,7 @@ from django.db import models
 from django.urls import reverse
 from django.utils import timezone
 
+from studio.formatting import event_fields
 from trainer.events import stage_log_path
 
 
@@ -143,8 +145,6 @@ class StageRun(models.Model):
 
     @property
     def command_line(self) -> str:
-        import shlex
-
         return shlex.join(self.argv)
 
 
@@ -169,4 +169,4 @@ class RunEvent(models.Model):
     @property
     def fields(self) -> dict:
         """The event's own values, without the envelope every event has."""
-        return {k: v for k, v in self.data.items() if k not in ("time", "stage", "kind", "seq")}
+        return event_fields(self.data)

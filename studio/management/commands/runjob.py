@@ -1,0 +1,137 @@
+"""Run a pipeline in the foreground, exactly as the studio's queue worker does.
+
+    python manage.py runjob tiny
+    python manage.py runjob speedrun --set depth=12 --set nproc_per_node=1 --name "d12 on one GPU"
+
+The run is recorded in the database and in runs/<id>/ like a run started from
+the web, so the dashboard shows it. Exit status: 0 done, 1 failed,
+2 invalid configuration, 130 interrupted (Ctrl-C or SIGTERM; the running
+stage's processes are killed and the run is marked cancelled).
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+
+from django.core.management import call_command
+from django.core.management.base import BaseCommand, CommandError
+from django.db import connection
+from django.db.migrations.executor import MigrationExecutor
+
+from studio import actions
+from studio.formatting import event_fields, format_duration, format_fields
+from studio.models import Run, StageRun
+from trainer import config
+
+METRIC_EVERY_SECONDS = 1.0  # at most one progress line per stage per second
+
+
+class Command(BaseCommand):
+    help = "Run a preset's pipeline stages in the foreground (the same code the web queue runs)."
+
+    def add_arguments(self, parser):
+        parser.add_argument("preset", help=f"starting preset: {', '.join(config.PRESETS)}")
+        parser.add_argument(
+            "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+            help="override a setting, e.g. --set depth=12 (repeatable; see `python -m trainer.config`)",
+        )
+        parser.add_argument("--name", default="", help="a name to tell the run apart on the dashboard")
+        parser.add_argument("--runs-dir", help="folder for the run directory (default: NANOSTUDIO_RUNS_DIR)")
+        parser.add_argument("--quiet", action="store_true", help="print only the summary")
+
+    def handle(self, *args, preset, overrides, name, runs_dir, quiet, **options):
+        self.quiet = quiet
+        self._migrate_if_needed()
+        actions.reap_orphaned_runs()
+        try:
+            run = actions.create_run(preset, config.parse_overrides(overrides), name=name, runs_dir=runs_dir)
+        except config.ConfigError as e:
+            self._explain(preset, e)
+            raise CommandError("invalid configuration; nothing was run", returncode=2) from None
+
+        self._say(f"run {run.id} ({run.preset}) in {run.run_dir}")
+        self._last_metric: dict[str, float] = {}
+        previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+        try:
+            run = actions.execute_run(run, on_event=self._on_event, on_stage=self._on_stage)
+        except KeyboardInterrupt:
+            run.refresh_from_db()
+            self._summary(run)
+            raise CommandError("interrupted: the running stage was stopped and the run marked cancelled", returncode=130) from None
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+        self._summary(run)
+        if run.status != Run.Status.DONE:
+            if run.error:
+                self.stderr.write(run.error)
+            raise CommandError(f"run {run.id} {run.status}", returncode=1)
+
+    # --- output --------------------------------------------------------------------------------
+
+    def _say(self, line: str, style=None) -> None:
+        if not self.quiet:
+            self.stdout.write(style(line) if style else line)
+
+    def _on_stage(self, stage: StageRun) -> None:
+        if stage.status == StageRun.Status.RUNNING:
+            self._say(f"[{stage.name}] started (pid {stage.pid}): {stage.command_line}", self.style.MIGRATE_HEADING)
+            return
+        took = format_duration(stage.duration)
+        if stage.status == StageRun.Status.DONE:
+            self._say(f"[{stage.name}] done in {took}", self.style.SUCCESS)
+        else:
+            code = "" if stage.exit_code is None else f", exit code {stage.exit_code}"
+            self._say(f"[{stage.name}] {stage.status} after {took}{code}", self.style.ERROR)
+
+    def _on_event(self, event: dict) -> None:
+        kind, stage = event.get("kind"), event.get("stage", "?")
+        if kind in ("stage_start",):
+            return  # _on_stage already said it
+        fields = event_fields(event)
+        if kind == "metric":
+            now = time.monotonic()
+            if now - self._last_metric.get(stage, -1e9) < METRIC_EVERY_SECONDS:
+                return
+            self._last_metric[stage] = now
+            self._say(f"[{stage}] {format_fields(fields)}")
+        elif kind == "error":
+            self._say(f"[{stage}] error: {format_fields(fields, width=200)}", self.style.ERROR)
+        elif fields:
+            label = "result" if kind == "stage_end" else kind
+            self._say(f"[{stage}] {label}: {format_fields(fields)}")
+
+    def _summary(self, run: Run) -> None:
+        style = self.style.SUCCESS if run.status == Run.Status.DONE else self.style.ERROR
+        lines = [
+            f"run      {run.id}" + (f"  ({run.name})" if run.name else ""),
+            f"dir      {run.run_dir}",
+            "status   " + style(run.status),
+        ]
+        for i, stage in enumerate(run.stages.all()):
+            lines.append(f"{'stages' if i == 0 else '':8} {stage.name:<12} {stage.status:<10} {format_duration(stage.duration)}")
+        lines.append(f"total    {format_duration(run.duration)}")
+        self.stdout.write("\n".join(lines))
+
+    def _explain(self, preset: str, error: config.ConfigError) -> None:
+        if "preset" in error.errors:
+            self.stderr.write(f"Unknown preset {preset!r}. Presets:")
+            for key, values in config.PRESETS.items():
+                self.stderr.write(f"  {key:<10} {values.get('description', '')}")
+            return
+        self.stderr.write(f"Invalid configuration (preset {preset!r}):")
+        for field, message in error.errors.items():
+            self.stderr.write(self.style.ERROR(f"  {field}: {message}"))
+            if field in config.FIELD_BY_NAME:
+                self.stderr.write(f"      {config.FIELD_BY_NAME[field].help}")
+
+    def _migrate_if_needed(self) -> None:
+        # The quick start is "setup, then runjob tiny": a fresh database must not trip it.
+        executor = MigrationExecutor(connection)
+        if executor.migration_plan(executor.loader.graph.leaf_nodes()):
+            self._say("Preparing the database (applying migrations)...")
+            call_command("migrate", interactive=False, verbosity=0)
+
+
+def _raise_keyboard_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
