@@ -165,3 +165,12 @@ def test_tok_train_rejects_bad_flags(tmp_path, capsys):
     with pytest.raises(SystemExit):
         tok_train.main(["--run-dir", str(tmp_path), "--vocab-size", "100"])
     assert "at least 266" in capsys.readouterr().err
+
+
+def test_tok_eval_uses_reference_vocabularies_found_locally(run_dir, tmp_path):
+    # Stand-in file with the tiktoken format (the real r50k/cl100k files need the internet).
+    (tmp_path / "r50k_base.tiktoken").write_bytes((run_dir / "tokenizer" / "tokenizer.tiktoken").read_bytes())
+    assert tok_eval.main(["--run-dir", str(run_dir), "--ref-vocab-dir", str(tmp_path), "--no-hf-baseline"]) == 0
+    result = json.loads((run_dir / "tokenizer" / "eval.json").read_text())
+    assert result["encoders"] == ["ours", "gpt2"]
+    assert all(r["gpt2_tokens"] > 0 for r in result["rows"])
