@@ -55,12 +55,18 @@ impl Core {
         let mut merge_map = AHashMap::with_capacity(merges.len());
         for (rank, &(l, r, m)) in merges.iter().enumerate() {
             if l >= n || r >= n || m >= n {
-                return Err(format!("merge {rank} ({l}, {r}) -> {m} refers to a missing token"));
+                return Err(format!(
+                    "merge {rank} ({l}, {r}) -> {m} refers to a missing token"
+                ));
             }
             let (lb, rb, mb) = (&vocab[l as usize], &vocab[r as usize], &vocab[m as usize]);
-            if mb.len() != lb.len() + rb.len() || mb[..lb.len()] != lb[..] || mb[lb.len()..] != rb[..]
+            if mb.len() != lb.len() + rb.len()
+                || mb[..lb.len()] != lb[..]
+                || mb[lb.len()..] != rb[..]
             {
-                return Err(format!("merge {rank}: token {m} is not token {l} + token {r}"));
+                return Err(format!(
+                    "merge {rank}: token {m} is not token {l} + token {r}"
+                ));
             }
             merge_map.entry(pack(l, r)).or_insert((rank as u32, m));
         }
@@ -73,7 +79,15 @@ impl Core {
                 return Err(format!("duplicate special token {s:?}"));
             }
         }
-        Ok(Core { pattern, splitter, vocab, merges, merge_map, specials, byte_ids })
+        Ok(Core {
+            pattern,
+            splitter,
+            vocab,
+            merges,
+            merge_map,
+            specials,
+            byte_ids,
+        })
     }
 
     pub fn vocab_size(&self) -> usize {
@@ -99,7 +113,9 @@ impl Core {
         if id < self.vocab.len() {
             Some(&self.vocab[id])
         } else {
-            self.specials.get(id - self.vocab.len()).map(|s| s.as_bytes())
+            self.specials
+                .get(id - self.vocab.len())
+                .map(|s| s.as_bytes())
         }
     }
 
@@ -156,7 +172,9 @@ impl Core {
         let n = chunk.len();
         let mut id: Vec<u32> = chunk.iter().map(|&b| self.byte_ids[b as usize]).collect();
         let mut prev: Vec<usize> = (0..n).map(|i| if i == 0 { NONE } else { i - 1 }).collect();
-        let mut next: Vec<usize> = (0..n).map(|i| if i + 1 == n { NONE } else { i + 1 }).collect();
+        let mut next: Vec<usize> = (0..n)
+            .map(|i| if i + 1 == n { NONE } else { i + 1 })
+            .collect();
         let mut alive = vec![true; n];
         let mut heap: BinaryHeap<Reverse<(u32, usize)>> = BinaryHeap::new();
         for k in 0..n - 1 {
@@ -173,7 +191,9 @@ impl Core {
                 continue;
             }
             // A rank belongs to exactly one pair, so equal rank means the entry is current.
-            let Some((r2, new)) = self.rank(id[p], id[q]) else { continue };
+            let Some((r2, new)) = self.rank(id[p], id[q]) else {
+                continue;
+            };
             if r2 != r {
                 continue;
             }
@@ -203,7 +223,8 @@ impl Core {
 
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, String> {
         let mut out = Vec::with_capacity(text.len() / 3 + 1);
-        self.splitter.for_each(text, |chunk| self.encode_chunk(chunk.as_bytes(), &mut out))?;
+        self.splitter
+            .for_each(text, |chunk| self.encode_chunk(chunk.as_bytes(), &mut out))?;
         Ok(out)
     }
 
@@ -238,7 +259,11 @@ impl Core {
     pub fn decode_bytes(&self, ids: &[i64]) -> Result<Vec<u8>, String> {
         let mut out = Vec::with_capacity(ids.len() * 4);
         for &id in ids {
-            let t = if (0..u32::MAX as i64).contains(&id) { self.token_bytes(id as u32) } else { None };
+            let t = if (0..u32::MAX as i64).contains(&id) {
+                self.token_bytes(id as u32)
+            } else {
+                None
+            };
             match t {
                 Some(b) => out.extend_from_slice(b),
                 None => {
@@ -274,7 +299,9 @@ mod tests {
             for _ in 0..20 {
                 let chunk: Vec<u8> = (0..len)
                     .map(|_| {
-                        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                        seed = seed
+                            .wrapping_mul(6364136223846793005)
+                            .wrapping_add(1442695040888963407);
                         b"ab .!xy"[(seed >> 33) as usize % 7]
                     })
                     .collect();
@@ -282,7 +309,10 @@ mod tests {
                 core.encode_chunk_scan(&chunk, &mut x);
                 core.encode_chunk_heap(&chunk, &mut y);
                 assert_eq!(x, y);
-                let back: Vec<u8> = x.iter().flat_map(|&i| core.vocab[i as usize].clone()).collect();
+                let back: Vec<u8> = x
+                    .iter()
+                    .flat_map(|&i| core.vocab[i as usize].clone())
+                    .collect();
                 assert_eq!(back, chunk);
             }
         }

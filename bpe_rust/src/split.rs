@@ -161,8 +161,7 @@ fn fast_chunk_end(t: &Tables, s: &[u8], i: usize) -> usize {
         if k < n && f1 & (F_CL | F_CV | F_CR) != 0 {
             let (c2, l2) = decode(s, k);
             let f2 = t.flags(c2);
-            if (f1 & F_CL != 0 && f2 & F_CL != 0) || (f1 & (F_CV | F_CR) != 0 && f2 & F_CE != 0)
-            {
+            if (f1 & F_CL != 0 && f2 & F_CL != 0) || (f1 & (F_CV | F_CR) != 0 && f2 & F_CE != 0) {
                 return k + l2;
             }
         }
@@ -341,10 +340,19 @@ mod tests {
     use super::*;
 
     fn both(text: &str) {
-        let fast = Splitter::new(DEFAULT_PATTERN, false).unwrap();
-        let slow = Splitter::new(DEFAULT_PATTERN, true).unwrap();
+        static SPLITTERS: OnceLock<(Splitter, Splitter)> = OnceLock::new();
+        let (fast, slow) = SPLITTERS.get_or_init(|| {
+            (
+                Splitter::new(DEFAULT_PATTERN, false).unwrap(),
+                Splitter::new(DEFAULT_PATTERN, true).unwrap(),
+            )
+        });
         assert!(fast.is_fast() && !slow.is_fast());
-        assert_eq!(fast.split(text).unwrap(), slow.split(text).unwrap(), "text {text:?}");
+        assert_eq!(
+            fast.split(text).unwrap(),
+            slow.split(text).unwrap(),
+            "text {text:?}"
+        );
     }
 
     #[test]
@@ -370,9 +378,10 @@ mod tests {
 
     #[test]
     fn all_pairs_of_interesting_chars() {
-        let chars: Vec<char> = "a'sSlLvVeErRdDmMtT1٣ \t\r\n\u{a0}\u{3000}.!\u{301}日ſK_\u{85}\u{2029}"
-            .chars()
-            .collect();
+        let chars: Vec<char> =
+            "a'sSlLvVeErRdDmMtT1٣ \t\r\n\u{a0}\u{3000}.!\u{301}日ſK_\u{85}\u{2029}"
+                .chars()
+                .collect();
         for &a in &chars {
             for &b in &chars {
                 for &c in &chars {

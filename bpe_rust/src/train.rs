@@ -59,11 +59,18 @@ impl Shard {
         arena.extend_from_slice(chunk);
         table.insert_unique(
             hash,
-            ChunkEntry { off, len: chunk.len() as u32, count },
+            ChunkEntry {
+                off,
+                len: chunk.len() as u32,
+                count,
+            },
             |e| hs.hash_one(&arena[e.off..e.off + e.len as usize]),
         );
     }
 }
+
+/// One piece's chunk counts: a table per shard, plus the number of chunks seen.
+type LocalCounts<'a> = (Vec<HashTable<LocalEntry<'a>>>, u64);
 
 struct LocalEntry<'a> {
     hash: u64,
@@ -112,7 +119,7 @@ impl ChunkCounter {
         let pieces = (rayon::current_num_threads() * 4).max(1);
         let piece_len = docs.len().div_ceil(pieces).max(1);
         // Each piece counts its chunks in per-shard tables whose keys borrow from `docs`.
-        let locals: Vec<Result<(Vec<HashTable<LocalEntry>>, u64), String>> = docs
+        let locals: Vec<Result<LocalCounts, String>> = docs
             .par_chunks(piece_len)
             .map(|piece| {
                 let mut tables: Vec<HashTable<LocalEntry>> =
@@ -126,9 +133,15 @@ impl ChunkCounter {
                         match t.find_mut(hash, |e| e.chunk == chunk) {
                             Some(e) => e.count += 1,
                             None => {
-                                t.insert_unique(hash, LocalEntry { hash, chunk, count: 1 }, |e| {
-                                    e.hash
-                                });
+                                t.insert_unique(
+                                    hash,
+                                    LocalEntry {
+                                        hash,
+                                        chunk,
+                                        count: 1,
+                                    },
+                                    |e| e.hash,
+                                );
                             }
                         }
                         n += 1;
@@ -204,7 +217,12 @@ pub struct Words {
 
 impl Words {
     pub fn from_chunks(chunks: &[(Vec<u8>, u64)]) -> Words {
-        let mut w = Words { syms: vec![], start: vec![], len: vec![], count: vec![] };
+        let mut w = Words {
+            syms: vec![],
+            start: vec![],
+            len: vec![],
+            count: vec![],
+        };
         for (c, n) in chunks {
             if c.len() >= 2 {
                 w.start.push(w.syms.len());
@@ -248,7 +266,9 @@ struct Cand {
 impl Ord for Cand {
     fn cmp(&self, o: &Self) -> Ordering {
         // max-heap: higher count first, then the smaller (left, right) pair
-        self.count.cmp(&o.count).then_with(|| o.pair.cmp(&self.pair))
+        self.count
+            .cmp(&o.count)
+            .then_with(|| o.pair.cmp(&self.pair))
     }
 }
 
@@ -311,18 +331,31 @@ pub struct Trained {
 /// pair with a positive count is left.
 pub fn train_merges(mut words: Words, target_tokens: usize) -> Trained {
     let mut vocab: Vec<Vec<u8>> = (0..=255u8).map(|b| vec![b]).collect();
-    let mut index: AHashMap<Vec<u8>, u32> =
-        vocab.iter().enumerate().map(|(i, v)| (v.clone(), i as u32)).collect();
+    let mut index: AHashMap<Vec<u8>, u32> = vocab
+        .iter()
+        .enumerate()
+        .map(|(i, v)| (v.clone(), i as u32))
+        .collect();
     let mut merges = Vec::new();
     if vocab.len() >= target_tokens {
         return Trained { vocab, merges };
     }
 
+    let t0 = std::time::Instant::now();
     let mut pairs = count_pairs(&words);
+    crate::log(format_args!(
+        "counted {} pairs in {} words in {:.2?}",
+        pairs.len(),
+        words.n_words(),
+        t0.elapsed()
+    ));
     let mut heap: QuaternaryHeap<Cand> = pairs
         .iter()
         .filter(|(_, v)| v.count > 0)
-        .map(|(&pair, v)| Cand { count: v.count, pair })
+        .map(|(&pair, v)| Cand {
+            count: v.count,
+            pair,
+        })
         .collect();
     let mut added: Vec<u64> = Vec::new();
 
@@ -333,7 +366,10 @@ pub fn train_merges(mut words: Words, target_tokens: usize) -> Trained {
             // Lazy refresh. Counts only ever go up together with a fresh push, so an entry
             // below the current count is a leftover and can be dropped.
             if cur > 0 && top.count > cur {
-                heap.push(Cand { count: cur, pair: top.pair });
+                heap.push(Cand {
+                    count: cur,
+                    pair: top.pair,
+                });
             }
             continue;
         }
@@ -365,11 +401,19 @@ pub fn train_merges(mut words: Words, target_tokens: usize) -> Trained {
         for &p in &added {
             if let Some(info) = pairs.get(&p) {
                 if info.count > 0 {
-                    heap.push(Cand { count: info.count, pair: p });
+                    heap.push(Cand {
+                        count: info.count,
+                        pair: p,
+                    });
                 }
             }
         }
     }
+    crate::log(format_args!(
+        "{} merges in {:.2?}",
+        merges.len(),
+        t0.elapsed()
+    ));
     Trained { vocab, merges }
 }
 
@@ -468,8 +512,9 @@ mod tests {
                     *pc.entry((s[k - 1], s[k])).or_default() += c;
                 }
             }
-            let Some((&(a, b), &cnt)) =
-                pc.iter().max_by(|x, y| x.1.cmp(y.1).then_with(|| y.0.cmp(x.0)))
+            let Some((&(a, b), &cnt)) = pc
+                .iter()
+                .max_by(|x, y| x.1.cmp(y.1).then_with(|| y.0.cmp(x.0)))
             else {
                 break;
             };
@@ -508,7 +553,8 @@ mod tests {
         let sp = Splitter::new(crate::split::DEFAULT_PATTERN, false).unwrap();
         let mut m: std::collections::BTreeMap<Vec<u8>, u64> = Default::default();
         for t in texts {
-            sp.for_each(t, |c| *m.entry(c.as_bytes().to_vec()).or_default() += 1).unwrap();
+            sp.for_each(t, |c| *m.entry(c.as_bytes().to_vec()).or_default() += 1)
+                .unwrap();
         }
         m.into_iter().collect()
     }
