@@ -23,6 +23,7 @@ REDIS_URL to scale out (PostgreSQL, Redis). Variables:
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 from nanostudio.env import database_config, envbool, envint, envlist, load_or_create_secret_key
@@ -109,6 +110,9 @@ STATICFILES_DIRS = [BASE_DIR / "static"]
 STATIC_ROOT = NANOSTUDIO_HOME / "staticfiles"
 WHITENOISE_USE_FINDERS = True
 WHITENOISE_AUTOREFRESH = DEBUG
+# Until someone runs collectstatic, STATIC_ROOT does not exist; with the
+# finders above nothing is missing, so WhiteNoise's warning about it is noise.
+warnings.filterwarnings("ignore", message=r"No directory at: .*staticfiles")
 
 # Security headers. TLS-only settings switch on with NANOSTUDIO_HTTPS=1, so
 # `check --deploy` on a plain-HTTP localhost install warns only about TLS.

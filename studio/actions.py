@@ -3,7 +3,7 @@
     run = create_run("tiny", {"vocab_size": "4096"})   # validate, make runs/<id>/, write config.json
     enqueue_run(run)                                   # the django-q2 worker calls execute_run
     execute_run(run, on_event=print)                   # or run it here, in the foreground
-    cancel_run(run)                                    # from anywhere: DB flag + SIGTERM
+    cancel_run(run)                                    # from any process: a DB flag the supervisor polls
 
 How a run executes: each stage is a subprocess started in its own session, so
 its pid is also the id of a process group that holds every process the stage
@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Callable
 
 from django.conf import settings
-from django.db import transaction
+from django.db import DatabaseError, transaction
 from django.utils import timezone
 
 from studio.models import Run, RunEvent, StageRun, new_run_id, tail_lines
@@ -166,25 +166,23 @@ def _run_stage(run, stage, command, on_event, on_stage, stop_check) -> str:
             )
         except OSError as e:
             log_file.write(f"# could not start: {e}\n".encode())
-            return _finish_stage(stage, StageRun.Status.FAILED, None, on_stage, note=str(e))
-    stage.pid, stage.status = proc.pid, StageRun.Status.RUNNING
-    stage.save(update_fields=["argv", "pid", "status", "started_at"])
-    if on_stage:
-        on_stage(stage)
+            return _finish_stage(stage, StageRun.Status.FAILED, None, on_stage)
 
     stopped = False
     try:
+        stage.pid, stage.status = proc.pid, StageRun.Status.RUNNING
+        stage.save(update_fields=["argv", "pid", "status", "started_at"])
+        if on_stage:
+            on_stage(stage)
         while True:
             try:
                 code = proc.wait(timeout=POLL_SECONDS)
             except subprocess.TimeoutExpired:
                 code = None
-            ingest_events(run, on_event)
-            if code is not None:
-                break
-            if _stop_requested(run, stop_check):
+            if _follow(run, on_event, stop_check) and code is None:
                 stopped = True
                 code = terminate_process_group(proc, settings.NANOSTUDIO_CANCEL_GRACE)
+            if code is not None:
                 break
     except BaseException as e:
         code = terminate_process_group(proc, settings.NANOSTUDIO_CANCEL_GRACE)
@@ -192,10 +190,10 @@ def _run_stage(run, stage, command, on_event, on_stage, stop_check) -> str:
         _finish_stage(stage, status, code, on_stage)
         raise
     _kill_leftovers(proc.pid)
-    ingest_events(run, on_event)
-    # cancel_run signals the group itself, so the stage may have died of our
-    # SIGTERM before this loop saw the flag: that is a cancellation, not a failure.
-    if not stopped and code != 0 and _stop_requested(run, stop_check):
+    stop_requested = _follow(run, on_event, stop_check)
+    # A stage that ends badly just as the run is cancelled (it may have been
+    # signalled from outside, e.g. by a person) counts as cancelled, not failed.
+    if not stopped and code != 0 and stop_requested:
         stopped = True
     if stopped:
         status = StageRun.Status.CANCELLED
@@ -239,6 +237,20 @@ def _failure_message(run: Run, stage: StageRun) -> str:
     if tail:
         message += f"\n--- last {len(tail)} lines of logs/{stage.name}.log ---\n" + "\n".join(tail)
     return message
+
+
+def _follow(run: Run, on_event, stop_check) -> bool:
+    """Store the stage's new events; return True if the run should stop.
+
+    A busy database (SQLite shared with the web process) must not kill a
+    training run: the events stay in events.jsonl and are stored next time.
+    """
+    try:
+        ingest_events(run, on_event)
+        return _stop_requested(run, stop_check)
+    except DatabaseError as e:
+        log.warning("run %s: database unavailable, will retry: %s", run.id, e)
+        return stop_check is not None and bool(stop_check())
 
 
 def _stop_requested(run: Run, stop_check) -> bool:
@@ -300,10 +312,13 @@ def _json_safe(value):
 def cancel_run(run: Run) -> Run:
     """Stop a run: a queued one is cancelled at once; a running one is asked to stop.
 
-    For a running run this sets cancel_requested (its supervisor polls it, then
-    sends SIGTERM, waits NANOSTUDIO_CANCEL_GRACE seconds and sends SIGKILL)
-    and also sends SIGTERM to the running stage's process group right away,
-    so the stage starts shutting down even before the supervisor looks.
+    For a running run this sets cancel_requested. Its supervisor (the queue
+    worker or `runjob`, maybe in another process) polls the flag, sends
+    SIGTERM to the running stage's process group, waits NANOSTUDIO_CANCEL_GRACE
+    seconds, sends SIGKILL, and records the run as cancelled. Only the
+    supervisor signals, so a stage that shuts down cleanly on SIGTERM (saving
+    a checkpoint, say) is not hit by a second one mid-way. If the supervisor
+    is gone, this sends the SIGTERM and records the outcome itself.
     """
     now = timezone.now()
     if Run.objects.filter(pk=run.pk, status=Run.Status.QUEUED).update(
@@ -312,14 +327,17 @@ def cancel_run(run: Run) -> Run:
         run.stages.filter(status=StageRun.Status.QUEUED).update(status=StageRun.Status.CANCELLED)
     elif Run.objects.filter(pk=run.pk, status=Run.Status.RUNNING).update(cancel_requested=True):
         run.refresh_from_db()
-        if run.supervisor_host == socket.gethostname():
+        if _supervisor_gone(run):
             for stage in run.stages.filter(status=StageRun.Status.RUNNING, pid__isnull=False):
                 signal_process_group(stage.pid, signal.SIGTERM)
-            if run.supervisor_pid and not pid_alive(run.supervisor_pid):
-                # Nobody is left to record the outcome: do it here.
-                _abandon(run, Run.Status.CANCELLED, "cancelled (its supervisor was no longer running)")
+            _abandon(run, Run.Status.CANCELLED, "cancelled (its supervisor was no longer running)")
     run.refresh_from_db()
     return run
+
+
+def _supervisor_gone(run: Run) -> bool:
+    # Only answerable on the supervisor's own host (runs may share a database across nodes).
+    return bool(run.supervisor_pid) and run.supervisor_host == socket.gethostname() and not pid_alive(run.supervisor_pid)
 
 
 def reap_orphaned_runs() -> list[Run]:
@@ -330,9 +348,8 @@ def reap_orphaned_runs() -> list[Run]:
     "running" forever. Their stage process groups get SIGTERM.
     """
     reaped = []
-    host = socket.gethostname()
-    for run in Run.objects.filter(status=Run.Status.RUNNING, supervisor_host=host):
-        if run.supervisor_pid and not pid_alive(run.supervisor_pid):
+    for run in Run.objects.filter(status=Run.Status.RUNNING, supervisor_host=socket.gethostname()):
+        if _supervisor_gone(run):
             for stage in run.stages.filter(status=StageRun.Status.RUNNING, pid__isnull=False):
                 signal_process_group(stage.pid, signal.SIGTERM)
             _abandon(run, Run.Status.FAILED, f"its supervisor (pid {run.supervisor_pid}) exited without finishing the run")

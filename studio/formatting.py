@@ -47,3 +47,35 @@ ENVELOPE = ("time", "stage", "kind", "seq")
 def event_fields(event: dict) -> dict:
     """An event without the keys every event has."""
     return {k: v for k, v in event.items() if k not in ENVELOPE}
+
+
+def split_fields(fields: dict, max_items: int = 8):
+    """Split event values into scalars, tables (lists of dicts) and lists, for display.
+
+    Long lists are cut to `max_items` with a note of how many were left out.
+    """
+    scalars, tables, lists = {}, {}, {}
+    for key, value in fields.items():
+        if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            tables[key] = value
+        elif isinstance(value, list) and len(value) > 1:
+            shown = [format_value(v, width=120) for v in value[:max_items]]
+            if len(value) > max_items:
+                shown.append(f"… ({len(value) - max_items} more)")
+            lists[key] = shown
+        else:
+            scalars[key] = value
+    return scalars, tables, lists
+
+
+def event_lines(event: dict, width: int = 40) -> list[str]:
+    """An event as terminal lines: scalars on the first, tables and lists indented below."""
+    scalars, tables, lists = split_fields(event_fields(event))
+    lines = [format_fields(scalars, width)]
+    for key, rows in tables.items():
+        lines.append(f"  {key}:")
+        lines += [f"    {format_fields(row, width)}" for row in rows]
+    for key, items in lists.items():
+        lines.append(f"  {key}:")
+        lines += [f"    {item}" for item in items]
+    return lines

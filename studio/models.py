@@ -102,7 +102,7 @@ class Run(models.Model):
             return None
         return seconds_between(self.started_at, self.finished_at)
 
-    def latest_events(self, kinds=("metric", "eval"), limit=20):
+    def latest_events(self, kinds=("metric", "eval", "result"), limit=20):
         return self.events.filter(kind__in=kinds).order_by("-seq")[:limit]
 
 

@@ -1,4 +1,14 @@
-"""Functions the django-q2 cluster runs (`python manage.py qcluster`)."""
+"""Functions the django-q2 cluster runs (`python manage.py qcluster`).
+
+One task is one whole pipeline (see Q_CLUSTER in settings for why its
+timeout and retry cannot hand a running pipeline to a second worker).
+
+Stopping the cluster: `qcluster` stops gracefully on SIGTERM/Ctrl-C to its
+main process, which means it waits for the running pipeline to finish. To
+stop sooner, cancel the run in the studio (its stages get SIGTERM, then
+SIGKILL), or send SIGTERM to the worker process itself (Run.supervisor_pid):
+the stage's process group is killed and the run is marked failed.
+"""
 
 from __future__ import annotations
 
@@ -46,6 +56,9 @@ def _sigterm_raises(exc_type):
         return
 
     def handler(signum, frame):
+        # Once: a second SIGTERM (qcluster's guard terminates a worker a few
+        # seconds after its timeout) must not cut short the cleanup this starts.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         raise exc_type("the queue worker received SIGTERM")
 
     previous = signal.signal(signal.SIGTERM, handler)

@@ -5,12 +5,13 @@
 
 The run is recorded in the database and in runs/<id>/ like a run started from
 the web, so the dashboard shows it. Exit status: 0 done, 1 failed,
-2 invalid configuration, 130 interrupted (Ctrl-C or SIGTERM; the running
-stage's processes are killed and the run is marked cancelled).
+2 invalid configuration, 130 interrupted (Ctrl-C, SIGTERM or SIGHUP: the
+running stage's processes are killed and the run is marked cancelled).
 """
 
 from __future__ import annotations
 
+import logging
 import signal
 import time
 
@@ -20,7 +21,7 @@ from django.db import connection
 from django.db.migrations.executor import MigrationExecutor
 
 from studio import actions
-from studio.formatting import event_fields, format_duration, format_fields
+from studio.formatting import event_fields, event_lines, format_duration, format_fields
 from studio.models import Run, StageRun
 from trainer import config
 
@@ -42,6 +43,17 @@ class Command(BaseCommand):
 
     def handle(self, *args, preset, overrides, name, runs_dir, quiet, **options):
         self.quiet = quiet
+        studio_log = logging.getLogger("studio")
+        level = studio_log.level
+        if options["verbosity"] < 2:
+            # The progress lines say what the studio's INFO log lines would.
+            studio_log.setLevel(logging.WARNING)
+        try:
+            self._run(preset, overrides, name, runs_dir)
+        finally:
+            studio_log.setLevel(level)
+
+    def _run(self, preset, overrides, name, runs_dir):
         self._migrate_if_needed()
         actions.reap_orphaned_runs()
         try:
@@ -52,7 +64,11 @@ class Command(BaseCommand):
 
         self._say(f"run {run.id} ({run.preset}) in {run.run_dir}")
         self._last_metric: dict[str, float] = {}
-        previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+        self._unprinted_metric: dict[str, dict] = {}
+        # SIGTERM (kill, systemd) and SIGHUP (the terminal went away) stop the
+        # run like Ctrl-C: the stage runs in its own session, so nothing else
+        # would stop it, and nobody would be left to record how it ended.
+        previous = {sig: signal.signal(sig, _raise_keyboard_interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
         try:
             run = actions.execute_run(run, on_event=self._on_event, on_stage=self._on_stage)
         except KeyboardInterrupt:
@@ -60,7 +76,8 @@ class Command(BaseCommand):
             self._summary(run)
             raise CommandError("interrupted: the running stage was stopped and the run marked cancelled", returncode=130) from None
         finally:
-            signal.signal(signal.SIGTERM, previous)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
         self._summary(run)
         if run.status != Run.Status.DONE:
             if run.error:
@@ -77,6 +94,7 @@ class Command(BaseCommand):
         if stage.status == StageRun.Status.RUNNING:
             self._say(f"[{stage.name}] started (pid {stage.pid}): {stage.command_line}", self.style.MIGRATE_HEADING)
             return
+        self._print_metric(stage.name)
         took = format_duration(stage.duration)
         if stage.status == StageRun.Status.DONE:
             self._say(f"[{stage.name}] done in {took}", self.style.SUCCESS)
@@ -86,20 +104,26 @@ class Command(BaseCommand):
 
     def _on_event(self, event: dict) -> None:
         kind, stage = event.get("kind"), event.get("stage", "?")
-        if kind in ("stage_start",):
-            return  # _on_stage already said it
-        fields = event_fields(event)
+        if kind in ("stage_start", "stage_end"):
+            return  # _on_stage says it, with the duration
         if kind == "metric":
+            # A compact progress line, at most one per second per stage; the
+            # last one held back is printed when the stage ends.
+            self._unprinted_metric[stage] = event
             now = time.monotonic()
-            if now - self._last_metric.get(stage, -1e9) < METRIC_EVERY_SECONDS:
-                return
-            self._last_metric[stage] = now
-            self._say(f"[{stage}] {format_fields(fields)}")
+            if now - self._last_metric.get(stage, -1e9) >= METRIC_EVERY_SECONDS:
+                self._last_metric[stage] = now
+                self._print_metric(stage)
         elif kind == "error":
-            self._say(f"[{stage}] error: {format_fields(fields, width=200)}", self.style.ERROR)
-        elif fields:
-            label = "result" if kind == "stage_end" else kind
-            self._say(f"[{stage}] {label}: {format_fields(fields)}")
+            self._say(f"[{stage}] error: {event.get('message', '')}", self.style.ERROR)
+        else:
+            first, *rest = event_lines(event)
+            self._say("\n".join([f"[{stage}] {kind}: {first}", *rest]))
+
+    def _print_metric(self, stage: str) -> None:
+        event = self._unprinted_metric.pop(stage, None)
+        if event:
+            self._say(f"[{stage}] {format_fields(event_fields(event))}")
 
     def _summary(self, run: Run) -> None:
         style = self.style.SUCCESS if run.status == Run.Status.DONE else self.style.ERROR

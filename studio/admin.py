@@ -1,0 +1,36 @@
+from django.contrib import admin
+
+from studio.models import Run, RunEvent, StageRun
+
+
+class StageRunInline(admin.TabularInline):
+    model = StageRun
+    extra = 0
+    fields = ["order", "name", "status", "pid", "exit_code", "started_at", "finished_at"]
+    readonly_fields = fields
+    can_delete = False
+
+
+@admin.register(Run)
+class RunAdmin(admin.ModelAdmin):
+    list_display = ["id", "name", "preset", "status", "created_at", "started_at", "finished_at"]
+    list_filter = ["status", "preset"]
+    search_fields = ["id", "name"]
+    readonly_fields = ["id", "created_at", "started_at", "finished_at", "supervisor_pid", "supervisor_host", "events_offset"]
+    inlines = [StageRunInline]
+
+
+@admin.register(StageRun)
+class StageRunAdmin(admin.ModelAdmin):
+    list_display = ["run", "order", "name", "status", "exit_code", "started_at", "finished_at"]
+    list_filter = ["status", "name"]
+    search_fields = ["run__id", "run__name"]
+    list_select_related = ["run"]
+
+
+@admin.register(RunEvent)
+class RunEventAdmin(admin.ModelAdmin):
+    list_display = ["run", "seq", "stage", "kind", "time"]
+    list_filter = ["kind", "stage"]
+    search_fields = ["run__id"]
+    list_select_related = ["run"]

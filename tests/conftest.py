@@ -1,0 +1,110 @@
+"""Fixtures shared by the test files."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def pytest_configure(config):
+    # pytest resets warning filters per test, dropping the one in settings.py:
+    # STATIC_ROOT only exists after collectstatic, and WhiteNoise serves from static/ anyway.
+    config.addinivalue_line("filterwarnings", "ignore:No directory at:UserWarning")
+
+
+@pytest.fixture
+def runs_dir(tmp_path, settings):
+    """A fresh NANOSTUDIO_RUNS_DIR for the test."""
+    path = tmp_path / "runs"
+    path.mkdir()
+    settings.NANOSTUDIO_RUNS_DIR = path
+    return path
+
+
+@pytest.fixture
+def manage_env(tmp_path):
+    """Environment for `manage.py` / daphne subprocesses: own SQLite file, runs dir and secret key."""
+    studio_settings = {"SECRET_KEY", "DEBUG", "ALLOWED_HOSTS", "CSRF_TRUSTED_ORIGINS", "REDIS_URL", "NANOSTUDIO_HTTPS",
+                       "NANOSTUDIO_SECRET_KEY_FILE", "SECURE_SSL_REDIRECT", "SECURE_HSTS_SECONDS"}
+    env = {k: v for k, v in os.environ.items() if k not in studio_settings}
+    home = tmp_path / "home"
+    home.mkdir()
+    env.update(
+        NANOSTUDIO_HOME=str(home),
+        NANOSTUDIO_RUNS_DIR=str(home / "runs"),
+        DATABASE_URL=f"sqlite:///{home / 'db.sqlite3'}",
+        DJANGO_SETTINGS_MODULE="nanostudio.settings",
+        PYTHONUNBUFFERED="1",
+    )
+    return env
+
+
+@pytest.fixture
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --- fake pipeline stages --------------------------------------------------------------------
+# Real subprocesses that behave like stage commands (write events with
+# EventWriter, print to their log, exit with a code), so the studio's process
+# handling is tested without training anything.
+
+FAKE_STAGE = r'''
+import os, signal, subprocess, sys, time
+from trainer.events import EventWriter
+
+run_dir, stage, mode = sys.argv[1:4]
+events = EventWriter(run_dir, stage)
+events.start()
+print(f"{stage}: fake stage in mode {mode}", flush=True)
+if mode == "ok":
+    for step in range(3):
+        events.metric(step=step, loss=3.0 - step)
+    events.emit("eval", name="fake", score=0.5)
+    events.end(status="done")
+elif mode == "fail":
+    for i in range(30):
+        print(f"log line {i}")
+    events.error("fake failure")
+    sys.exit(3)
+elif mode in ("hang", "stubborn"):
+    if mode == "stubborn":
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # inherited by the grandchild too
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
+    with open(os.path.join(run_dir, stage + ".grandchild"), "w") as f:
+        f.write(str(child.pid))
+    events.metric(step=0, note="waiting")
+    time.sleep(300)
+elif mode == "sigterm-parent":
+    os.kill(os.getppid(), signal.SIGTERM)  # as if someone stopped the supervisor
+    time.sleep(300)
+'''
+
+
+@pytest.fixture
+def fake_stages(monkeypatch, tmp_path, settings):
+    """Replace each stage's command by the fake above; returns {stage: mode} to edit (default "ok")."""
+    from trainer import config
+
+    script = tmp_path / "fake_stage.py"
+    script.write_text(FAKE_STAGE)
+    modes: dict[str, str] = {}
+
+    def stage_commands(cfg, run_dir, python=None):
+        return [
+            config.StageCommand(name, [sys.executable, str(script), str(run_dir), name, modes.get(name, "ok")],
+                                env={"PYTHONPATH": str(REPO)})
+            for name in cfg["stages"]
+        ]
+
+    monkeypatch.setattr(config, "stage_commands", stage_commands)
+    settings.NANOSTUDIO_CANCEL_GRACE = 1.0
+    return modes

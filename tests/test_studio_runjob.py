@@ -1,0 +1,129 @@
+"""`manage.py runjob`: the headless pipeline, in process (fake stages) and end to end (real stages)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+from io import StringIO
+
+import pytest
+from django.core.management import CommandError, call_command
+
+from studio.models import Run
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.django_db
+
+
+def runjob(*args):
+    out, err = StringIO(), StringIO()
+    try:
+        call_command("runjob", *args, stdout=out, stderr=err)
+        code = 0
+    except CommandError as e:
+        code = e.returncode
+        err.write(str(e))
+    return code, out.getvalue(), err.getvalue()
+
+
+def test_runjob_runs_the_stages_and_prints_progress(runs_dir, fake_stages):
+    code, out, err = runjob("tiny", "--name", "smoke")
+    run = Run.objects.get()
+    assert code == 0, err
+    assert run.status == "done" and run.name == "smoke"
+    assert f"run {run.id} (tiny) in {runs_dir / run.id}" in out
+    assert "[tok_train] started (pid" in out and "[tok_eval] done in" in out
+    assert "[tok_train] step=0 loss=3" in out  # a metric line
+    assert "[tok_eval] eval: name=fake score=0.5" in out
+    assert "status   done" in out and "tok_train    done" in out
+
+
+def test_runjob_quiet_prints_only_the_summary(runs_dir, fake_stages):
+    code, out, _ = runjob("tiny", "--quiet")
+    assert code == 0
+    assert "[tok_train]" not in out and "status   done" in out
+
+
+def test_runjob_overrides_and_runs_dir(tmp_path, runs_dir, fake_stages):
+    other = tmp_path / "elsewhere"
+    code, _, err = runjob("tiny", "--set", "vocab_size=2048", "--set", "stages=tok_train", "--runs-dir", str(other))
+    assert code == 0, err
+    run = Run.objects.get()
+    assert run.run_dir == other / run.id
+    assert json.loads((run.run_dir / "config.json").read_text())["vocab_size"] == 2048
+    assert list(run.stages.values_list("name", flat=True)) == ["tok_train"]
+
+
+def test_runjob_invalid_config_explains_every_field_and_exits_2(runs_dir):
+    code, out, err = runjob("tiny", "--set", "depth=0", "--set", "max_seq_len=100", "--set", "deepth=3")
+    assert code == 2
+    assert "depth: must be at least 1, got 0" in err
+    assert "max_seq_len: must be a power of two (e.g. 64), got 100" in err
+    assert "deepth: unknown setting" in err
+    assert "Transformer layers" in err  # the field's help
+    assert Run.objects.count() == 0 and list(runs_dir.iterdir()) == []
+
+
+def test_runjob_unknown_preset_lists_presets(runs_dir):
+    code, _, err = runjob("huge")
+    assert code == 2
+    assert "Unknown preset 'huge'" in err
+    for preset in ("tiny", "speedrun", "d26", "d32"):
+        assert f"  {preset}" in err
+
+
+def test_runjob_failed_run_exits_1_with_the_log_tail(runs_dir, fake_stages):
+    fake_stages["tok_eval"] = "fail"
+    code, out, err = runjob("tiny")
+    assert code == 1
+    assert "[tok_eval] failed after" in out and "status   failed" in out
+    assert "stage tok_eval failed (exit code 3): fake failure" in err and "log line 29" in err
+
+
+def test_runjob_sigterm_stops_the_stage_and_marks_cancelled(runs_dir, fake_stages):
+    fake_stages["tok_train"] = "sigterm-parent"  # the stage sends SIGTERM to runjob itself
+    code, out, _ = runjob("tiny")
+    run = Run.objects.get()
+    assert code == 130
+    assert run.status == "cancelled"
+    assert list(run.stages.values_list("status", flat=True)) == ["cancelled", "cancelled"]
+    assert "status   cancelled" in out
+
+
+def test_runjob_exit_status_from_the_shell(manage_env):
+    result = subprocess.run(
+        [sys.executable, "manage.py", "runjob", "tiny", "--set", "total_batch_size=1000"],
+        cwd=REPO, env=manage_env, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "total_batch_size: 1000 tokens is not a multiple of" in result.stderr
+
+
+@pytest.mark.slow
+def test_runjob_tiny_end_to_end(manage_env):
+    """The quick-start command on a fresh database: real tokenizer stages on the offline mirror."""
+    from tests.helpers import mirror
+
+    manage_env["NANOSTUDIO_DATA_MIRROR"] = str(mirror())
+    result = subprocess.run(
+        [sys.executable, "manage.py", "runjob", "tiny"],
+        cwd=REPO, env=manage_env, capture_output=True, text=True, timeout=900,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    runs = [p for p in (os.path.join(manage_env["NANOSTUDIO_RUNS_DIR"], d) for d in os.listdir(manage_env["NANOSTUDIO_RUNS_DIR"])) if os.path.isdir(p)]
+    assert len(runs) == 1
+    run_dir = runs[0]
+    for name in ("config.json", "events.jsonl", "tokenizer/tokenizer.json", "logs/tok_train.log", "logs/tok_eval.log"):
+        assert os.path.exists(os.path.join(run_dir, name)), name
+    assert "[tok_train] done in" in result.stdout and "[tok_eval] done in" in result.stdout
+
+    db = sqlite3.connect(manage_env["DATABASE_URL"].removeprefix("sqlite:///"))
+    (status,) = db.execute("SELECT status FROM studio_run").fetchone()
+    stages = db.execute("SELECT name, status, exit_code FROM studio_stagerun ORDER BY \"order\"").fetchall()
+    kinds = {k for (k,) in db.execute("SELECT DISTINCT kind FROM studio_runevent")}
+    assert status == "done"
+    assert stages == [("tok_train", "done", 0), ("tok_eval", "done", 0)]
+    assert {"stage_start", "stage_end", "eval"} <= kinds
