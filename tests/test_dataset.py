@@ -142,7 +142,7 @@ def test_shards_missing_everywhere_give_one_clear_error(server, tmp_path, monkey
     monkeypatch.setenv(dataset.CACHE_ENV, str(tmp_path))
     with pytest.raises(DatasetError) as err:
         dataset.pretrain_shards("fake", 1)
-    assert "NANOSTUDIO_DATA_MIRROR" in str(err.value) and "gone_00000" in str(err.value)
+    assert "NANOSTUDIO_DATA_MIRROR" in str(err.value) and "gone_0000" in str(err.value)
 
 
 def test_mirror_stands_in_for_upstream(monkeypatch):
@@ -197,3 +197,17 @@ def test_open_text_finds_gzipped_mirror_files_and_names_what_it_looked_for(monke
         assert f.readline().startswith("{")
     with pytest.raises(DatasetError, match="nothing/here.jsonl"):
         dataset.open_text("nothing/here.jsonl")
+
+
+def test_tokenizer_text_comes_from_every_local_shard_but_only_the_needed_downloads(monkeypatch, server, tmp_path):
+    monkeypatch.setenv(dataset.MIRROR_ENV, str(mirror()))
+    local = dataset.text_shards("fineweb-edu", 20_000_000)
+    assert len(local.train) == 5 and local.origin == "mirror"
+    assert len(dataset.text_shards("fineweb-edu", 20_000_000, num_train=2).train) == 2
+    for i in (0, 1, 2, 9):
+        server.files[f"/shard_{i:05d}.parquet"] = b"x"
+    monkeypatch.setitem(dataset.SOURCES, "fake", dataset.Source("fake", server.url + "/shard_{index:05d}.parquet", 9))
+    monkeypatch.delenv(dataset.MIRROR_ENV)
+    monkeypatch.setenv(dataset.CACHE_ENV, str(tmp_path))
+    remote = dataset.text_shards("fake", 600_000_000)  # ~250M chars per upstream shard -> 3
+    assert [p.name for p in remote.train] == [f"shard_{i:05d}.parquet" for i in range(3)]

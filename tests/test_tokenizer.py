@@ -33,6 +33,7 @@ def test_stage_writes_tokenizer_files_and_events(run_dir):
     assert not [n for n in names if n.endswith(".tmp")]
     meta = json.loads((run_dir / "tokenizer" / "meta.json").read_text())
     assert meta["vocab_size"] == 1024 and meta["merges"] == 1024 - 256 - 9
+    assert meta["chars_seen"] == 2_000_000 and meta["data_origin"] == "mirror"
     events, _ = read_events(run_dir)
     kinds = [e["kind"] for e in events if e["stage"] == "tok_train"]
     assert kinds[0] == "stage_start" and kinds[-1] == "stage_end" and "metric" in kinds and "result" in kinds

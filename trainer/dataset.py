@@ -243,7 +243,23 @@ def pretrain_shards(source: str = "fineweb-edu", num_train: int = 1, data_dir: s
     return Shards(paths[:-1], paths[-1], "download")
 
 
-def iter_parquet_texts(paths, start_doc: int = 0):
+def text_shards(source: str, max_chars: int, data_dir: str | None = None, num_train: int | None = None) -> Shards:
+    """Training shards to read `max_chars` characters from (tokenizer training).
+
+    Upstream shards hold ~250M characters, so that many are downloaded. Local
+    shards (the mirror, your own --data-dir) can be any size and cost nothing
+    to list, so all of them are offered and the reader stops at max_chars.
+    """
+    needed = num_train or max(1, -(-max_chars // 250_000_000))
+    shards = pretrain_shards(source, needed, data_dir)
+    if shards.origin != "download" and num_train is None:
+        local = pretrain_shards(source, 1 << 30, data_dir)
+        local.note = shards.note.split(";")[0] if shards.origin == "mirror" else ""
+        shards = local
+    return shards
+
+
+def iter_parquet_texts(paths):
     """Yield the `text` of every document in the given shards, row group by row group."""
     import pyarrow.parquet as pq
 

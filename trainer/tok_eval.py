@@ -179,7 +179,7 @@ def evaluate(args, events: EventWriter) -> dict:
     notes = []
     if not args.no_hf_baseline:
         t0 = time.time()
-        train_shards = dataset.pretrain_shards(args.data_source, max(1, -(-meta["max_chars"] // 250_000_000)), args.data_dir)
+        train_shards = dataset.text_shards(args.data_source, meta["max_chars"], args.data_dir)
         hf = train_hf_baseline(meta, dataset.iter_training_text(train_shards.train, meta["max_chars"], meta["doc_cap"]))
         encoders["hf"] = lambda docs: sum(len(e.ids) for e in hf.encode_batch(docs, add_special_tokens=False))
         notes.append(f"HF tokenizers BpeTrainer baseline trained on the same {meta['max_chars']:,} chars in {time.time() - t0:.1f}s "

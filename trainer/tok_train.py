@@ -54,11 +54,12 @@ def parse_args(argv=None):
 def train(args, events: EventWriter) -> dict:
     import bpe_rust
 
-    num_shards = args.num_shards or max(1, -(-args.max_chars // 250_000_000))
-    shards = dataset.pretrain_shards(args.data_source, num_shards, args.data_dir)
+    shards = dataset.text_shards(args.data_source, args.max_chars, args.data_dir, args.num_shards)
     events.emit("data", origin=shards.origin, note=shards.note, train_shards=[str(p) for p in shards.train], val_shard=str(shards.val))
+    seen = {"chars": 0, "docs": 0}
 
     def progress(chars, docs):
+        seen.update(chars=chars, docs=docs)
         events.metric(chars=chars, docs=docs, fraction=round(chars / args.max_chars, 4))
 
     texts = dataset.iter_training_text(shards.train, args.max_chars, args.doc_cap, on_progress=progress,
@@ -66,6 +67,8 @@ def train(args, events: EventWriter) -> dict:
     t0 = time.time()
     tok = bpe_rust.Tokenizer.train(texts, args.vocab_size, pattern=args.pattern, special_tokens=SPECIAL_TOKENS)
     train_seconds = time.time() - t0
+    if seen["chars"] < args.max_chars:
+        events.emit("warning", message=f"the training text ran out after {seen['chars']:,} of the {args.max_chars:,} characters asked for")
 
     out = Path(args.run_dir) / "tokenizer"
     out.mkdir(parents=True, exist_ok=True)
@@ -91,6 +94,8 @@ def train(args, events: EventWriter) -> dict:
         "special_tokens": tok.special_tokens,
         "train_seconds": round(train_seconds, 3),
         "max_chars": args.max_chars,
+        "chars_seen": seen["chars"],
+        "docs_seen": seen["docs"],
         "doc_cap": args.doc_cap,
         "data_origin": shards.origin,
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
