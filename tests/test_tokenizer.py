@@ -175,3 +175,9 @@ def test_tok_eval_uses_reference_vocabularies_found_locally(run_dir, tmp_path):
     result = json.loads((run_dir / "tokenizer" / "eval.json").read_text())
     assert result["encoders"] == ["ours", "gpt2"]
     assert all(r["gpt2_tokens"] > 0 for r in result["rows"])
+
+
+def test_python_and_rust_agree_on_the_special_tokens():
+    import bpe_rust
+
+    assert list(bpe_rust.SPECIAL_TOKENS) == SPECIAL_TOKENS

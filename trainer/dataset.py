@@ -281,7 +281,7 @@ def iter_training_text(paths, max_chars: int, doc_cap: int, on_progress=None, ev
     tokenizer trainer is a black box while it runs, this is the progress
     the studio can show.
     """
-    chars = docs = 0
+    chars = docs = reported = 0
     next_report = every
     for text in iter_parquet_texts(paths):
         if not text:
@@ -294,10 +294,11 @@ def iter_training_text(paths, max_chars: int, doc_cap: int, on_progress=None, ev
         yield text
         if on_progress is not None and chars >= next_report:
             on_progress(chars, docs)
+            reported = chars
             next_report += every
         if chars >= max_chars:
             break
-    if on_progress is not None:
+    if on_progress is not None and reported != chars:
         on_progress(chars, docs)
 
 
