@@ -59,3 +59,24 @@ def test_cli_prints_commands(capsys):
     config.main(["tiny", "--set", "vocab_size=1024", "--run-dir", "runs/t"])
     out = capsys.readouterr().out
     assert "trainer.tok_train" in out and "--vocab-size=1024" in out
+
+
+def test_multi_node_needs_a_rendezvous_endpoint_and_uses_torchrun(monkeypatch):
+    with pytest.raises(ConfigError) as err:
+        config.resolve("speedrun", {"nnodes": 2})
+    assert "HOST:PORT" in err.value.errors["rdzv_endpoint"]
+    monkeypatch.setattr(config, "stage_available", lambda s: True)
+    cfg = config.resolve("speedrun", {"nnodes": 2, "rdzv_endpoint": "10.0.0.1:29500", "stages": "base_train", "total_batch_size": 1048576})
+    (cmd,) = config.stage_commands(cfg, "runs/abc")
+    assert cmd.distributed and "--nnodes=2" in cmd.argv and "--rdzv-endpoint=10.0.0.1:29500" in cmd.argv
+    assert "--rdzv-id=abc" in cmd.argv and "--standalone" not in cmd.argv
+
+
+def test_single_process_stages_need_no_launcher(monkeypatch):
+    monkeypatch.setattr(config, "stage_available", lambda s: True)
+    cfg = config.resolve("tiny", {"stages": "base_train"})
+    (cmd,) = config.stage_commands(cfg, "runs/x")
+    assert cmd.argv[1:3] == ["-m", "trainer.base_train"] and not cmd.distributed
+    cfg = config.resolve("speedrun", {"stages": "base_train"})
+    (cmd,) = config.stage_commands(cfg, "runs/x")
+    assert "torch.distributed.run" in cmd.argv and "--nproc_per_node=8" in cmd.argv

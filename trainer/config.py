@@ -18,8 +18,10 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import re
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 # Stages in pipeline order. A stage is runnable once its module exists; the
 # studio shows the others as "coming" rather than pretending to run them.
@@ -80,7 +82,13 @@ FIELDS: list[Field] = [
     Field("total_batch_size", int, 524288, "Tokens per optimizer step across all GPUs (gradient accumulation makes up the rest).", 16, 1 << 26),
     Field("nproc_per_node", int, 8, "Processes (GPUs) per node for torchrun stages.", 1, 64),
     Field("nnodes", int, 1, "Nodes for multi-node training (torchrun rendezvous).", 1, 1024),
+    Field("rdzv_endpoint", str, "", "HOST:PORT of the first node, for multi-node runs (every node runs the same command)."),
     Field("target_param_data_ratio", float, 20.0, "Training tokens per parameter (Chinchilla ~20).", 0.1, 1000),
+    Field("num_iterations", int, -1, "Pretraining optimizer steps; -1 derives them from the tokens-per-parameter ratio.", -1, 10**8),
+    Field("eval_every", int, 250, "Validation bits-per-byte every N steps (0: only at the end).", 0, 10**8),
+    Field("eval_tokens", int, 20 * 524288, "Validation tokens per evaluation.", 1, 10**11),
+    Field("sample_every", int, 2000, "Sample completions of fixed prompts every N steps (0: only at the end).", 0, 10**8),
+    Field("save_every", int, 1000, "Checkpoint every N steps (0: only at the end).", 0, 10**8),
     Field("data_source", str, "fineweb-edu", "Pretraining corpus: fineweb-edu or climbmix shards (or the offline mirror).", choices=DATA_SOURCES),
     Field("data_shards", int, 240, "Pretraining shards to download (~250M characters each; the validation shard comes extra).", 1, 7000),
     Field("data_dir", str, "", "Use your own prepared shards from this folder instead of downloading (empty = download / mirror)."),
@@ -98,6 +106,7 @@ PRESETS: dict[str, dict] = {
         "depth": 4, "max_seq_len": 256, "device_batch_size": 8, "total_batch_size": 8 * 256,
         "nproc_per_node": 1, "target_param_data_ratio": 1.0, "data_shards": 5,
         "vocab_size": 4096, "tok_max_chars": 20_000_000, "tok_doc_cap": 10_000,
+        "eval_every": 250, "eval_tokens": 131072, "sample_every": 1000, "save_every": 500,
     },
     # The reference "$100" run: depth 20 on 8xH100, ~4 hours.
     "speedrun": {
@@ -227,6 +236,8 @@ def validate(cfg: dict) -> dict:
                 f"{tbs} tokens is not a multiple of max_seq_len x device_batch_size x GPUs = {per_step}; "
                 f"use e.g. {fits}"
             )
+    if clean.get("nnodes", 1) > 1 and not re.fullmatch(r"[\w.\-\[\]:]+:\d+", clean.get("rdzv_endpoint", "")):
+        errors["rdzv_endpoint"] = "multi-node runs need HOST:PORT of the first node (reachable from every node), e.g. 10.0.0.1:29500"
     if errors:
         raise ConfigError(errors)
     return clean
@@ -266,17 +277,41 @@ def stage_commands(cfg: dict, run_dir: str, python: str | None = None) -> list[S
             ]
             if cfg["data_dir"]:
                 args.append(f"--data-dir={cfg['data_dir']}")
+        elif stage == "base_train":
+            args += [
+                f"--depth={cfg['depth']}",
+                f"--max-seq-len={cfg['max_seq_len']}",
+                f"--device-batch-size={cfg['device_batch_size']}",
+                f"--total-batch-size={cfg['total_batch_size']}",
+                f"--target-param-data-ratio={cfg['target_param_data_ratio']}",
+                f"--num-iterations={cfg['num_iterations']}",
+                f"--eval-every={cfg['eval_every']}",
+                f"--eval-tokens={cfg['eval_tokens']}",
+                f"--sample-every={cfg['sample_every']}",
+                f"--save-every={cfg['save_every']}",
+                f"--data-source={cfg['data_source']}",
+                f"--num-shards={cfg['data_shards']}",
+            ]
+            if cfg["data_dir"]:
+                args.append(f"--data-dir={cfg['data_dir']}")
         elif stage == "tok_eval":
             args.append(f"--data-source={cfg['data_source']}")
             if cfg["data_dir"]:
                 args.append(f"--data-dir={cfg['data_dir']}")
         module = STAGE_MODULES[stage]
-        if stage in DISTRIBUTED_STAGES:
+        # One process on one device needs no launcher; more go through torchrun.
+        launch = stage in DISTRIBUTED_STAGES and (cfg["nproc_per_node"] > 1 or cfg["nnodes"] > 1)
+        if launch and cfg["nnodes"] > 1:
+            # Multi-node: the same command runs on every node; the studio fills in the rendezvous.
+            argv = [python, "-m", "torch.distributed.run", f"--nnodes={cfg['nnodes']}",
+                    f"--nproc_per_node={cfg['nproc_per_node']}", "--rdzv-backend=c10d",
+                    f"--rdzv-endpoint={cfg['rdzv_endpoint']}", f"--rdzv-id={Path(str(run_dir)).name}", "-m", module, *args]
+        elif launch:
             argv = [python, "-m", "torch.distributed.run", "--standalone",
                     f"--nproc_per_node={cfg['nproc_per_node']}", "-m", module, *args]
         else:
             argv = [python, "-m", module, *args]
-        out.append(StageCommand(stage, argv, stage in DISTRIBUTED_STAGES))
+        out.append(StageCommand(stage, argv, launch))
     return out
 
 

@@ -1,0 +1,310 @@
+"""Stage 3: pretrain the base GPT on packed web text.
+
+One GPU or CPU:
+    python -m trainer.base_train --run-dir runs/demo --depth 4 --max-seq-len 256 --device-batch-size 8 --total-batch-size 2048
+Eight GPUs (one process each; no DDP wrapper, the optimizer shards its state and averages gradients):
+    torchrun --standalone --nproc_per_node=8 -m trainer.base_train --run-dir runs/demo --depth 20
+Several nodes: the same command under `torchrun --nnodes=N --rdzv-backend=c10d --rdzv-endpoint=HOST:PORT ...`.
+
+The run directory must already hold tokenizer/ (stage tok_train). Horizon:
+--num-iterations, else --target-flops, else --target-param-data-ratio tokens per
+(scaling) parameter. The global batch --total-batch-size is reached by gradient
+accumulation, so 1 and 8 GPUs train the same model up to rounding.
+
+Writes events (stage "base_train") to <run-dir>/events.jsonl and checkpoints to
+<run-dir>/checkpoints/base_train/. --resume continues from the latest
+checkpoint exactly (model, optimizer shards, loader position, loop state).
+SIGTERM or Ctrl-C saves a checkpoint and exits with code 75.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import signal
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from trainer import checkpoint, common, dataset
+from trainer.events import EventWriter
+
+STAGE = "base_train"
+EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: stopped on request, checkpoint saved, resume with --resume
+SAMPLE_PROMPTS = [
+    "The capital of France is",
+    "Water is made of hydrogen and",
+    "If today is Monday, then the day after tomorrow is",
+    "The opposite of cold is",
+    "Once upon a time, there was a",
+    "The largest planet in our solar system is",
+]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Pretrain the base model of a run.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--run-dir", required=True, help="run directory (with tokenizer/)")
+    g = p.add_argument_group("model")
+    g.add_argument("--depth", type=int, default=20, help="transformer layers; width = 64 x depth rounded up to the head dim")
+    g.add_argument("--aspect-ratio", type=int, default=64, help="width per layer of depth")
+    g.add_argument("--head-dim", type=int, default=128, help="attention head dimension")
+    g.add_argument("--n-kv-head", type=int, default=None, help="key/value heads for grouped-query attention (default: one per query head)")
+    g.add_argument("--window-pattern", default="L", help="per-layer attention windows, tiled: L full, S short (last layer always L)")
+    g.add_argument("--max-seq-len", type=int, default=2048, help="context length")
+    g = p.add_argument_group("batch and horizon")
+    g.add_argument("--device-batch-size", type=int, default=32, help="sequences per device per micro-step")
+    g.add_argument("--total-batch-size", type=int, default=524288, help="tokens per optimizer step across all ranks")
+    g.add_argument("--num-iterations", type=int, default=-1, help="optimizer steps (-1: from --target-flops or the ratio)")
+    g.add_argument("--target-flops", type=float, default=-1.0, help="training FLOPs budget (-1: use the ratio)")
+    g.add_argument("--target-param-data-ratio", type=float, default=20.0, help="training tokens per scaling parameter")
+    g = p.add_argument_group("optimizer")
+    g.add_argument("--matrix-lr", type=float, default=0.02, help="Muon learning rate for the transformer matrices")
+    g.add_argument("--embedding-lr", type=float, default=0.2, help="AdamW learning rate for the token embedding")
+    g.add_argument("--unembedding-lr", type=float, default=0.004, help="AdamW learning rate for the output head")
+    g.add_argument("--weight-decay", type=float, default=0.0, help="decoupled weight decay for the Muon matrices")
+    g.add_argument("--warmup-steps", type=int, default=0, help="linear learning-rate warmup steps")
+    g.add_argument("--warmdown-ratio", type=float, default=0.2, help="fraction of steps at the end with a linear decay")
+    g.add_argument("--final-lr-frac", type=float, default=0.0, help="learning rate at the end, as a fraction of the peak")
+    g = p.add_argument_group("data")
+    g.add_argument("--data-source", default="fineweb-edu", choices=sorted(dataset.SOURCES), help="upstream corpus")
+    g.add_argument("--data-dir", default=None, help="your own prepared shards (python -m trainer.data prepare)")
+    g.add_argument("--num-shards", type=int, default=240, help="training shards to use (the validation shard is extra)")
+    g.add_argument("--loader-threads", type=int, default=2, help="background tokenizer threads per rank")
+    g = p.add_argument_group("evaluation, samples and checkpoints")
+    g.add_argument("--eval-every", type=int, default=250, help="validation bits-per-byte every N steps (0: only at the end)")
+    g.add_argument("--eval-tokens", type=int, default=20 * 524288, help="validation tokens per evaluation")
+    g.add_argument("--sample-every", type=int, default=2000, help="greedy sample completions every N steps (0: only at the end)")
+    g.add_argument("--save-every", type=int, default=1000, help="checkpoint every N steps (0: only at the end)")
+    g.add_argument("--keep-last", type=int, default=3, help="checkpoints to keep")
+    g.add_argument("--resume", action="store_true", help="continue from the latest checkpoint of this stage")
+    g = p.add_argument_group("system")
+    g.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu", "mps"], help="where to train")
+    g.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"], help="autocast compute dtype")
+    g.add_argument("--compile", default="auto", choices=["auto", "yes", "no"], help="torch.compile the model (auto: on GPU)")
+    g.add_argument("--seed", type=int, default=42, help="initialisation seed")
+    g.add_argument("--log-every", type=int, default=1, help="write a metric event every N steps")
+    args = p.parse_args(argv)
+    for name in ("depth", "max_seq_len", "device_batch_size", "total_batch_size", "head_dim", "aspect_ratio"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.num_iterations == 0:
+        p.error("--num-iterations must be positive (or -1 to derive it from --target-flops / --target-param-data-ratio)")
+    if args.target_param_data_ratio <= 0 and args.num_iterations < 0 and args.target_flops <= 0:
+        p.error("set a horizon: --num-iterations, --target-flops or a positive --target-param-data-ratio")
+    return args
+
+
+def grad_accumulation(total_batch: int, device_batch: int, seq_len: int, world: int) -> int:
+    per_step = device_batch * seq_len * world
+    if total_batch % per_step:
+        lower = max(per_step, total_batch // per_step * per_step)
+        raise ValueError(
+            f"--total-batch-size {total_batch} is not a multiple of device batch x seq len x ranks = "
+            f"{device_batch} x {seq_len} x {world} = {per_step}; use e.g. --total-batch-size {lower} "
+            f"or change --device-batch-size"
+        )
+    return total_batch // per_step
+
+
+def horizon(args, model) -> tuple[int, str]:
+    if args.num_iterations > 0:
+        return args.num_iterations, "num-iterations"
+    if args.target_flops > 0:
+        steps = round(args.target_flops / (model.flops_per_token() * args.total_batch_size))
+        return max(1, steps), f"target-flops {args.target_flops:.3g}"
+    tokens = args.target_param_data_ratio * model.num_scaling_params()
+    return max(1, round(tokens / args.total_batch_size)), f"ratio {args.target_param_data_ratio} tokens/param"
+
+
+@torch.no_grad()
+def evaluate_bpb(model, batches, token_bytes: torch.Tensor, ctx) -> float:
+    """Bits per byte on validation batches: total nats over total UTF-8 bytes of the targets.
+
+    Tokenizer-independent (unlike loss): special tokens (0 bytes, e.g. BOS as a
+    target) are left out of both sums.
+    """
+    nats = torch.zeros((), dtype=torch.float64, device=ctx.device)
+    nbytes = torch.zeros((), dtype=torch.float64, device=ctx.device)
+    for x, y in batches:
+        with ctx.autocast():
+            loss = model(x, y, loss_reduction="none").view(-1).double()
+        b = token_bytes[y.view(-1)].double()
+        counted = b > 0
+        nats += (loss * counted).sum()
+        nbytes += b.sum()
+    if ctx.distributed:
+        dist.all_reduce(nats)
+        dist.all_reduce(nbytes)
+    if nbytes.item() == 0:
+        return float("nan")
+    return nats.item() / (math.log(2) * nbytes.item())
+
+
+def train(args, ctx, events: EventWriter, stop: dict) -> int:
+    from trainer.data import PretrainLoader, val_batches
+    from trainer.model import GPTConfig, build_model
+    from trainer.optim import build_optimizer, lr_multiplier, muon_momentum, weight_decay_at
+    from trainer.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_dir(args.run_dir)
+    config = GPTConfig.from_depth(args.depth, tok.vocab_size, sequence_len=args.max_seq_len, aspect_ratio=args.aspect_ratio,
+                                  head_dim=args.head_dim, n_kv_head=args.n_kv_head, window_pattern=args.window_pattern)
+    model = build_model(config, ctx.device)
+    optimizer = build_optimizer(model, matrix_lr=args.matrix_lr, embedding_lr=args.embedding_lr,
+                                unembedding_lr=args.unembedding_lr, weight_decay=args.weight_decay)
+    accum = grad_accumulation(args.total_batch_size, args.device_batch_size, args.max_seq_len, ctx.world_size)
+    num_iterations, horizon_from = horizon(args, model)
+    flops_per_token = model.flops_per_token()
+    peak = common.peak_flops(ctx.device_name) if ctx.device_type == "cuda" else None
+
+    shards = dataset.pretrain_shards(args.data_source, args.num_shards, args.data_dir)
+    ckpt_root = checkpoint.stage_dir(args.run_dir, STAGE)
+    step, loader_state = 0, None
+    loop = {"smooth_loss": 0.0, "train_seconds": 0.0, "min_val_bpb": None}
+    if args.resume:
+        path = checkpoint.latest(ckpt_root)
+        if path is None:
+            raise RuntimeError(f"--resume: no checkpoint in {ckpt_root}; start without --resume")
+        meta, loader_state = checkpoint.load(path, model, optimizer, ctx, device=ctx.device)
+        if meta["model_config"] != config.to_dict():
+            raise RuntimeError(f"--resume: the checkpoint's model {meta['model_config']} differs from the flags' {config.to_dict()}")
+        step = meta["step"]
+        loop.update(meta.get("loop", {}))
+        events.emit("resume", step=step, checkpoint=str(path))
+
+    events.emit("setup", model_config=config.to_dict(), params=model.num_params(), scaling_params=model.num_scaling_params(),
+                flops_per_token=flops_per_token, num_iterations=num_iterations, horizon_from=horizon_from,
+                grad_accum=accum, world_size=ctx.world_size, device=ctx.device_name, dtype=str(ctx.dtype).replace("torch.", ""),
+                total_tokens=num_iterations * args.total_batch_size,
+                total_flops=flops_per_token * num_iterations * args.total_batch_size,
+                data_origin=shards.origin, data_note=shards.note, peak_flops=peak)
+
+    use_compile = args.compile == "yes" or (args.compile == "auto" and ctx.device_type == "cuda")
+    fwd = torch.compile(model, dynamic=False) if use_compile else model
+    loader = PretrainLoader(shards.train, tok, args.device_batch_size, args.max_seq_len, rank=ctx.rank,
+                            world_size=ctx.world_size, device=ctx.device, state=loader_state, threads=args.loader_threads)
+    batches = iter(loader)
+    token_bytes = torch.tensor(tok.token_bytes, dtype=torch.int64, device=ctx.device)
+
+    def due(every: int, s: int) -> bool:
+        return s == num_iterations or (every > 0 and s % every == 0)
+
+    def save(s: int):
+        meta = {"model_config": config.to_dict(), "args": vars(args), "loop": loop, "num_iterations": num_iterations}
+        path = checkpoint.save(ckpt_root, s, model, optimizer, loader.state_dict(), meta, ctx, keep_last=args.keep_last)
+        events.emit("checkpoint", step=s, path=str(path))
+
+    last_saved = step
+    while True:
+        if due(args.eval_every, step) and (step > 0 or args.eval_every > 0):
+            model.eval()
+            t0 = time.time()
+            bpb = evaluate_bpb(fwd, val_batches([shards.val], tok, args.device_batch_size, args.max_seq_len, args.eval_tokens,
+                                                rank=ctx.rank, world_size=ctx.world_size, device=ctx.device), token_bytes, ctx)
+            model.train()
+            if loop["min_val_bpb"] is None or bpb < loop["min_val_bpb"]:
+                loop["min_val_bpb"] = bpb
+            events.emit("eval", name="val_bpb", step=step, val_bpb=bpb, seconds=round(time.time() - t0, 3))
+        if due(args.sample_every, step) and step > 0 and ctx.master:
+            model.eval()
+            samples = []
+            for prompt in SAMPLE_PROMPTS:
+                ids = tok.encode(prompt, prepend=tok.bos_id)
+                with ctx.autocast():
+                    out = model.generate(ids, max_tokens=16, temperature=0.0)
+                samples.append({"prompt": prompt, "completion": tok.decode(out)})
+            model.train()
+            events.emit("sample", step=step, samples=samples)
+        if step > last_saved and (due(args.save_every, step) or stop["now"]):
+            save(step)
+            last_saved = step
+        if step >= num_iterations or stop["now"]:
+            break
+
+        # One optimizer step: `accum` micro-batches of gradients, averaged.
+        t0 = time.time()
+        for _ in range(accum):
+            x, y, _ = next(batches)
+            with ctx.autocast():
+                loss = fwd(x, y)
+            (loss / accum).backward()
+        lrm = lr_multiplier(step, num_iterations, args.warmup_steps, args.warmdown_ratio, args.final_lr_frac)
+        for group in optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * lrm
+            if group.get("kind") == "muon":
+                group["momentum"] = muon_momentum(step)
+                group["weight_decay"] = weight_decay_at(step, num_iterations, args.weight_decay)
+        optimizer.step()
+        model.zero_grad(set_to_none=True)
+        train_loss = loss.detach().float().item()  # the last micro-batch's loss; syncs the device
+        ctx.synchronize()
+        dt = time.time() - t0
+        step += 1
+
+        # A stop request (SIGTERM/SIGINT) must be seen by every rank at the same step.
+        if ctx.distributed:
+            flag = torch.tensor([1.0 if stop["now"] else 0.0], device=ctx.device)
+            dist.all_reduce(flag)
+            stop["now"] = flag.item() > 0
+        train_loss = common.all_reduce_mean(train_loss, ctx)
+        if not math.isfinite(train_loss):
+            raise FloatingPointError(f"loss became {train_loss} at step {step}; lower the learning rates or check the data")
+        beta = 0.9
+        loop["smooth_loss"] = beta * loop["smooth_loss"] + (1 - beta) * train_loss
+        smooth = loop["smooth_loss"] / (1 - beta ** step)
+        if step > 10 or num_iterations <= 10:
+            loop["train_seconds"] += dt  # like the reference, the first steps (compilation) are not counted
+        tok_per_sec = args.total_batch_size / dt
+        mfu = 100 * flops_per_token * tok_per_sec / (peak * ctx.world_size) if peak else None
+        if step % args.log_every == 0 or step == num_iterations:
+            events.metric(step=step, loss=round(train_loss, 6), smooth_loss=round(smooth, 6), lrm=round(lrm, 6),
+                          dt=round(dt, 4), tok_per_sec=round(tok_per_sec, 1), mfu=None if mfu is None else round(mfu, 2),
+                          peak_mem_mb=round(ctx.max_memory_mb(), 1), epoch=loader.state_dict().get("epoch", 0),
+                          fraction=round(step / num_iterations, 5), train_seconds=round(loop["train_seconds"], 3))
+        if ctx.master and (step % 10 == 0 or step == num_iterations):
+            print(f"step {step:6d}/{num_iterations} | loss {train_loss:.4f} (smooth {smooth:.4f}) | lrm {lrm:.3f} | "
+                  f"{dt * 1000:.0f} ms | {tok_per_sec:,.0f} tok/s" + (f" | mfu {mfu:.1f}%" if mfu else ""), flush=True)
+
+    events.emit("result", step=step, num_iterations=num_iterations, min_val_bpb=loop["min_val_bpb"],
+                train_seconds=round(loop["train_seconds"], 3), params=model.num_params())
+    return EXIT_INTERRUPTED if stop["now"] and step < num_iterations else 0
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    stop = {"now": False}
+
+    def request_stop(signum, frame):
+        # Finish the current step, save a checkpoint, exit 75. A second signal kills.
+        if stop["now"]:
+            raise KeyboardInterrupt
+        stop["now"] = True
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    ctx = common.setup(args.device, args.dtype, args.seed)
+    events = EventWriter(args.run_dir, STAGE, enabled=ctx.master)
+    events.start(args=vars(args), world_size=ctx.world_size)
+    t0 = time.time()
+    try:
+        if not (Path(args.run_dir) / "tokenizer" / "tokenizer.json").exists():
+            raise FileNotFoundError(f"{args.run_dir}/tokenizer/tokenizer.json not found; run the tok_train stage first")
+        code = train(args, ctx, events, stop)
+    except Exception as e:
+        events.error(f"{type(e).__name__}: {e}", traceback=traceback.format_exc(limit=10))
+        events.end(status="failed", seconds=round(time.time() - t0, 3))
+        print(f"base_train failed: {e}", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        if ctx.distributed and dist.is_initialized():
+            dist.destroy_process_group()
+    events.end(status="interrupted" if code == EXIT_INTERRUPTED else "done", seconds=round(time.time() - t0, 3))
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
