@@ -185,9 +185,18 @@ def train(args, ctx, events: EventWriter, stop: dict) -> int:
 
     use_compile = args.compile == "yes" or (args.compile == "auto" and ctx.device_type == "cuda")
     fwd = torch.compile(model, dynamic=False) if use_compile else model
-    loader = PretrainLoader(shards.train, tok, args.device_batch_size, args.max_seq_len, rank=ctx.rank,
-                            world_size=ctx.world_size, device=ctx.device, state=loader_state, threads=args.loader_threads)
-    batches = iter(loader)
+    # The data is striped over world_size x accum "micro-batch streams", and
+    # rank r feeds its k-th micro-step from stream r*accum + k. So 1 GPU with 8
+    # accumulation steps sees exactly the batches 8 GPUs would: the runs agree
+    # up to floating-point summation order.
+    streams = ctx.world_size * accum
+    states = (loader_state or {}).get("streams") or [None] * accum
+    if len(states) != accum:
+        raise RuntimeError(f"--resume: the checkpoint has {len(states)} data streams per rank, this run needs {accum}; keep the batch settings")
+    loaders = [PretrainLoader(shards.train, tok, args.device_batch_size, args.max_seq_len, rank=ctx.rank * accum + k,
+                              world_size=streams, device=ctx.device, state=states[k],
+                              threads=max(1, args.loader_threads // accum)) for k in range(accum)]
+    batches = [iter(ld) for ld in loaders]
     token_bytes = torch.tensor(tok.token_bytes, dtype=torch.int64, device=ctx.device)
 
     def due(every: int, s: int) -> bool:
@@ -195,7 +204,8 @@ def train(args, ctx, events: EventWriter, stop: dict) -> int:
 
     def save(s: int):
         meta = {"model_config": config.to_dict(), "args": vars(args), "loop": loop, "num_iterations": num_iterations}
-        path = checkpoint.save(ckpt_root, s, model, optimizer, loader.state_dict(), meta, ctx, keep_last=args.keep_last)
+        loader_state = {"streams": [ld.state_dict() for ld in loaders]}
+        path = checkpoint.save(ckpt_root, s, model, optimizer, loader_state, meta, ctx, keep_last=args.keep_last)
         events.emit("checkpoint", step=s, path=str(path))
 
     last_saved = step
@@ -227,11 +237,13 @@ def train(args, ctx, events: EventWriter, stop: dict) -> int:
 
         # One optimizer step: `accum` micro-batches of gradients, averaged.
         t0 = time.time()
-        for _ in range(accum):
-            x, y, _ = next(batches)
+        loss_sum = torch.zeros((), device=ctx.device)
+        for k in range(accum):
+            x, y, _ = next(batches[k])
             with ctx.autocast():
                 loss = fwd(x, y)
             (loss / accum).backward()
+            loss_sum += loss.detach().float()
         lrm = lr_multiplier(step, num_iterations, args.warmup_steps, args.warmdown_ratio, args.final_lr_frac)
         for group in optimizer.param_groups:
             group["lr"] = group["initial_lr"] * lrm
@@ -240,7 +252,7 @@ def train(args, ctx, events: EventWriter, stop: dict) -> int:
                 group["weight_decay"] = weight_decay_at(step, num_iterations, args.weight_decay)
         optimizer.step()
         model.zero_grad(set_to_none=True)
-        train_loss = loss.detach().float().item()  # the last micro-batch's loss; syncs the device
+        train_loss = (loss_sum / accum).item()  # mean over micro-batches (and, below, ranks); syncs the device
         ctx.synchronize()
         dt = time.time() - t0
         step += 1
@@ -263,7 +275,7 @@ def train(args, ctx, events: EventWriter, stop: dict) -> int:
         if step % args.log_every == 0 or step == num_iterations:
             events.metric(step=step, loss=round(train_loss, 6), smooth_loss=round(smooth, 6), lrm=round(lrm, 6),
                           dt=round(dt, 4), tok_per_sec=round(tok_per_sec, 1), mfu=None if mfu is None else round(mfu, 2),
-                          peak_mem_mb=round(ctx.max_memory_mb(), 1), epoch=loader.state_dict().get("epoch", 0),
+                          peak_mem_mb=round(ctx.max_memory_mb(), 1), epoch=loaders[0].state_dict().get("epoch", 0),
                           fraction=round(step / num_iterations, 5), train_seconds=round(loop["train_seconds"], 3))
         if ctx.master and (step % 10 == 0 or step == num_iterations):
             print(f"step {step:6d}/{num_iterations} | loss {train_loss:.4f} (smooth {smooth:.4f}) | lrm {lrm:.3f} | "
