@@ -81,6 +81,8 @@ def parse_args(argv=None):
     g.add_argument("--save-every", type=int, default=1000, help="checkpoint every N steps (0: only at the end)")
     g.add_argument("--keep-last", type=int, default=3, help="checkpoints to keep")
     g.add_argument("--resume", action="store_true", help="continue from the latest checkpoint of this stage")
+    g.add_argument("--stop-after-step", type=int, default=-1,
+                   help="pause after this step as if SIGTERM arrived (save, exit 75); resume later with --resume")
     g = p.add_argument_group("system")
     g.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu", "mps"], help="where to train")
     g.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"], help="autocast compute dtype")
@@ -257,6 +259,8 @@ def train(args, ctx, events: EventWriter, stop: dict) -> int:
         dt = time.time() - t0
         step += 1
 
+        if step == args.stop_after_step:
+            stop["now"] = True
         # A stop request (SIGTERM/SIGINT) must be seen by every rank at the same step.
         if ctx.distributed:
             flag = torch.tensor([1.0 if stop["now"] else 0.0], device=ctx.device)
