@@ -104,19 +104,22 @@ def test_runjob_exit_status_from_the_shell(manage_env):
 
 @pytest.mark.slow
 def test_runjob_tiny_end_to_end(manage_env):
-    """The quick-start command on a fresh database: real tokenizer stages on the offline mirror."""
+    """The quick-start command on a fresh database: the real stages on the offline mirror."""
     from tests.helpers import mirror
 
     manage_env["NANOSTUDIO_DATA_MIRROR"] = str(mirror())
     result = subprocess.run(
-        [sys.executable, "manage.py", "runjob", "tiny"],
+        # The tiny preset's stages, with pretraining cut to 30 steps to keep CI quick.
+        [sys.executable, "manage.py", "runjob", "tiny", "--set", "num_iterations=30", "--set", "eval_every=15",
+         "--set", "save_every=15", "--set", "sample_every=30", "--set", "eval_tokens=16384"],
         cwd=REPO, env=manage_env, capture_output=True, text=True, timeout=900,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     runs = [p for p in (os.path.join(manage_env["NANOSTUDIO_RUNS_DIR"], d) for d in os.listdir(manage_env["NANOSTUDIO_RUNS_DIR"])) if os.path.isdir(p)]
     assert len(runs) == 1
     run_dir = runs[0]
-    for name in ("config.json", "events.jsonl", "tokenizer/tokenizer.json", "logs/tok_train.log", "logs/tok_eval.log"):
+    for name in ("config.json", "events.jsonl", "tokenizer/tokenizer.json", "logs/tok_train.log", "logs/tok_eval.log",
+                 "logs/base_train.log", "checkpoints/base_train/step_000030/model.safetensors"):
         assert os.path.exists(os.path.join(run_dir, name)), name
     assert "[tok_train] done in" in result.stdout and "[tok_eval] done in" in result.stdout
 
@@ -125,5 +128,5 @@ def test_runjob_tiny_end_to_end(manage_env):
     stages = db.execute("SELECT name, status, exit_code FROM studio_stagerun ORDER BY \"order\"").fetchall()
     kinds = {k for (k,) in db.execute("SELECT DISTINCT kind FROM studio_runevent")}
     assert status == "done"
-    assert stages == [("tok_train", "done", 0), ("tok_eval", "done", 0)]
-    assert {"stage_start", "stage_end", "eval"} <= kinds
+    assert stages == [("tok_train", "done", 0), ("tok_eval", "done", 0), ("base_train", "done", 0)]
+    assert {"stage_start", "stage_end", "eval", "metric", "sample", "checkpoint"} <= kinds

@@ -95,7 +95,7 @@ FIELDS: list[Field] = [
     Field("vocab_size", int, 65536, "Tokenizer vocabulary incl. 256 bytes and 9 special tokens (2^16 fits uint16).", 512, 1 << 20),
     Field("tok_max_chars", int, 2_000_000_000, "Characters of pretraining text the tokenizer trains on.", 10_000, 10**12),
     Field("tok_doc_cap", int, 10_000, "Each document is cropped to this many characters for tokenizer training.", 100, 10**9),
-    Field("stages", list, ["tok_train", "tok_eval"], "Pipeline stages to run, in order."),
+    Field("stages", list, None, "Pipeline stages to run, in order (default: every stage this version has)."),
 ]
 FIELD_BY_NAME = {f.name: f for f in FIELDS}
 
@@ -104,7 +104,7 @@ PRESETS: dict[str, dict] = {
     "tiny": {
         "description": "CPU smoke run: small tokenizer on a few MB, depth-4 model (minutes on a laptop).",
         "depth": 4, "max_seq_len": 256, "device_batch_size": 8, "total_batch_size": 8 * 256,
-        "nproc_per_node": 1, "target_param_data_ratio": 1.0, "data_shards": 5,
+        "nproc_per_node": 1, "target_param_data_ratio": 0.6, "data_shards": 5,
         "vocab_size": 4096, "tok_max_chars": 20_000_000, "tok_doc_cap": 10_000,
         "eval_every": 250, "eval_tokens": 131072, "sample_every": 1000, "save_every": 500,
     },
@@ -127,8 +127,14 @@ PRESETS: dict[str, dict] = {
 }
 
 
+def available_stages() -> list[str]:
+    return [s for s in STAGE_ORDER if stage_available(s)]
+
+
 def defaults() -> dict:
-    return {f.name: (list(f.default) if isinstance(f.default, list) else f.default) for f in FIELDS}
+    out = {f.name: (list(f.default) if isinstance(f.default, list) else f.default) for f in FIELDS}
+    out["stages"] = available_stages()
+    return out
 
 
 def stage_available(stage: str) -> bool:
@@ -190,6 +196,8 @@ def validate(cfg: dict) -> dict:
             errors[name] = f"unknown setting{hint}; known: {', '.join(FIELD_BY_NAME)}"
     for f in FIELDS:
         value = cfg.get(f.name, f.default)
+        if value is None and f.name == "stages":
+            value = available_stages()
         try:
             value = _coerce(f, value)
         except ValueError as e:
@@ -220,7 +228,7 @@ def validate(cfg: dict) -> dict:
             if missing:
                 errors["stages"] = (
                     f"stage(s) {', '.join(missing)} are not part of this version yet; "
-                    f"available: {', '.join(s for s in STAGE_ORDER if stage_available(s))}"
+                    f"available: {', '.join(available_stages())}"
                 )
             else:
                 clean["stages"] = [s for s in STAGE_ORDER if s in clean["stages"]]
