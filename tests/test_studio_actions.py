@@ -17,6 +17,8 @@ from studio.models import Run, RunEvent, StageRun
 from trainer import config
 from trainer.events import EventWriter
 
+TWO_STAGES = {"stages": "tok_train,tok_eval"}  # enough stages to see ordering, skipping and cancelling
+
 pytestmark = pytest.mark.django_db
 
 
@@ -126,14 +128,14 @@ def test_a_busy_database_does_not_stop_a_stage(runs_dir, fake_stages, monkeypatc
         return real_ingest(run, on_event)
 
     monkeypatch.setattr(actions, "ingest_events", flaky_ingest)
-    run = actions.execute_run(actions.create_run("tiny"))
+    run = actions.execute_run(actions.create_run("tiny", TWO_STAGES))
     assert run.status == Run.Status.DONE
     assert run.events.count() == 12  # caught up on the next read
 
 
 def test_failing_stage_fails_run_skips_rest_and_quotes_log(runs_dir, fake_stages):
     fake_stages["tok_train"] = "fail"
-    run = actions.execute_run(actions.create_run("tiny"))
+    run = actions.execute_run(actions.create_run("tiny", TWO_STAGES))
 
     assert run.status == Run.Status.FAILED
     train, evaluate = run.stages.all()
@@ -265,7 +267,7 @@ def mark_running_with_dead_supervisor(run, stage_pid=None):
 
 
 def test_cancel_without_a_supervisor_stops_the_stage_itself(runs_dir):
-    run = actions.create_run("tiny")
+    run = actions.create_run("tiny", TWO_STAGES)
     orphan = subprocess.Popen(["sleep", "300"], start_new_session=True)
     mark_running_with_dead_supervisor(run, stage_pid=orphan.pid)
     run = actions.cancel_run(run)
@@ -275,7 +277,7 @@ def test_cancel_without_a_supervisor_stops_the_stage_itself(runs_dir):
 
 
 def test_orphaned_running_run_is_reaped(runs_dir):
-    run = actions.create_run("tiny")
+    run = actions.create_run("tiny", TWO_STAGES)
     dead = mark_running_with_dead_supervisor(run)
     assert [r.pk for r in actions.reap_orphaned_runs()] == [run.pk]
     run.refresh_from_db()

@@ -85,7 +85,7 @@ def test_runjob_failed_run_exits_1_with_the_log_tail(runs_dir, fake_stages):
 
 def test_runjob_sigterm_stops_the_stage_and_marks_cancelled(runs_dir, fake_stages):
     fake_stages["tok_train"] = "sigterm-parent"  # the stage sends SIGTERM to runjob itself
-    code, out, _ = runjob("tiny")
+    code, out, _ = runjob("tiny", "--set", "stages=tok_train,tok_eval")
     run = Run.objects.get()
     assert code == 130
     assert run.status == "cancelled"

@@ -51,7 +51,8 @@ def test_new_run_form_is_built_from_the_schema(client):
     assert '<input type="number" name="depth" value="4" min="1" max="64" step="1"' in html
     assert 'name="csrfmiddlewaretoken"' in html
     assert 'name="stages" value="tok_train" id="id_stages_0" checked>' in html
-    assert 'name="stages" value="base_train" id="id_stages_2" disabled>' in html and "base_train (coming)" in html
+    assert 'name="stages" value="base_train" id="id_stages_2" checked>' in html
+    assert 'name="stages" value="mid_train" id="id_stages_4" disabled>' in html and "mid_train (coming)" in html
 
 
 def test_new_run_form_starts_from_the_chosen_preset(client):
