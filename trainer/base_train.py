@@ -214,83 +214,87 @@ def train(args, ctx, events: EventWriter, stop: dict) -> int:
         events.emit("checkpoint", step=s, path=str(path))
 
     last_saved = step
-    while True:
-        if due(args.eval_every, step) and (step > 0 or args.eval_every > 0):
-            model.eval()
+    try:
+        while True:
+            if due(args.eval_every, step) and (step > 0 or args.eval_every > 0):
+                model.eval()
+                t0 = time.time()
+                bpb = evaluate_bpb(fwd, val_batches([shards.val], tok, args.device_batch_size, args.max_seq_len, args.eval_tokens,
+                                                    rank=ctx.rank, world_size=ctx.world_size, device=ctx.device), token_bytes, ctx)
+                model.train()
+                if loop["min_val_bpb"] is None or bpb < loop["min_val_bpb"]:
+                    loop["min_val_bpb"] = bpb
+                events.emit("eval", name="val_bpb", step=step, val_bpb=bpb, seconds=round(time.time() - t0, 3))
+            if due(args.sample_every, step) and step > 0 and ctx.master:
+                model.eval()
+                samples = []
+                for prompt in SAMPLE_PROMPTS:
+                    ids = tok.encode(prompt, prepend=tok.bos_id)
+                    with ctx.autocast():
+                        out = model.generate(ids, max_tokens=16, temperature=0.0)
+                    samples.append({"prompt": prompt, "completion": tok.decode(out)})
+                model.train()
+                events.emit("sample", step=step, samples=samples)
+            if step > last_saved and (due(args.save_every, step) or stop["now"]):
+                save(step)
+                last_saved = step
+            if step >= num_iterations or stop["now"]:
+                break
+
+            # One optimizer step: `accum` micro-batches of gradients, averaged.
             t0 = time.time()
-            bpb = evaluate_bpb(fwd, val_batches([shards.val], tok, args.device_batch_size, args.max_seq_len, args.eval_tokens,
-                                                rank=ctx.rank, world_size=ctx.world_size, device=ctx.device), token_bytes, ctx)
-            model.train()
-            if loop["min_val_bpb"] is None or bpb < loop["min_val_bpb"]:
-                loop["min_val_bpb"] = bpb
-            events.emit("eval", name="val_bpb", step=step, val_bpb=bpb, seconds=round(time.time() - t0, 3))
-        if due(args.sample_every, step) and step > 0 and ctx.master:
-            model.eval()
-            samples = []
-            for prompt in SAMPLE_PROMPTS:
-                ids = tok.encode(prompt, prepend=tok.bos_id)
+            loss_sum = torch.zeros((), device=ctx.device)
+            for k in range(accum):
+                x, y, _ = next(batches[k])
                 with ctx.autocast():
-                    out = model.generate(ids, max_tokens=16, temperature=0.0)
-                samples.append({"prompt": prompt, "completion": tok.decode(out)})
-            model.train()
-            events.emit("sample", step=step, samples=samples)
-        if step > last_saved and (due(args.save_every, step) or stop["now"]):
-            save(step)
-            last_saved = step
-        if step >= num_iterations or stop["now"]:
-            break
+                    loss = fwd(x, y)
+                (loss / accum).backward()
+                loss_sum += loss.detach().float()
+            lrm = lr_multiplier(step, num_iterations, args.warmup_steps, args.warmdown_ratio, args.final_lr_frac)
+            for group in optimizer.param_groups:
+                group["lr"] = group["initial_lr"] * lrm
+                if group.get("kind") == "muon":
+                    group["momentum"] = muon_momentum(step)
+                    group["weight_decay"] = weight_decay_at(step, num_iterations, args.weight_decay)
+            optimizer.step()
+            model.zero_grad(set_to_none=True)
+            train_loss = (loss_sum / accum).item()  # mean over micro-batches (and, below, ranks); syncs the device
+            ctx.synchronize()
+            dt = time.time() - t0
+            step += 1
 
-        # One optimizer step: `accum` micro-batches of gradients, averaged.
-        t0 = time.time()
-        loss_sum = torch.zeros((), device=ctx.device)
-        for k in range(accum):
-            x, y, _ = next(batches[k])
-            with ctx.autocast():
-                loss = fwd(x, y)
-            (loss / accum).backward()
-            loss_sum += loss.detach().float()
-        lrm = lr_multiplier(step, num_iterations, args.warmup_steps, args.warmdown_ratio, args.final_lr_frac)
-        for group in optimizer.param_groups:
-            group["lr"] = group["initial_lr"] * lrm
-            if group.get("kind") == "muon":
-                group["momentum"] = muon_momentum(step)
-                group["weight_decay"] = weight_decay_at(step, num_iterations, args.weight_decay)
-        optimizer.step()
-        model.zero_grad(set_to_none=True)
-        train_loss = (loss_sum / accum).item()  # mean over micro-batches (and, below, ranks); syncs the device
-        ctx.synchronize()
-        dt = time.time() - t0
-        step += 1
+            if step == args.stop_after_step:
+                stop["now"] = True
+            # A stop request (SIGTERM/SIGINT) must be seen by every rank at the same step.
+            if ctx.distributed:
+                flag = torch.tensor([1.0 if stop["now"] else 0.0], device=ctx.device)
+                dist.all_reduce(flag)
+                stop["now"] = flag.item() > 0
+            train_loss = common.all_reduce_mean(train_loss, ctx)
+            if not math.isfinite(train_loss):
+                raise FloatingPointError(f"loss became {train_loss} at step {step}; lower the learning rates or check the data")
+            beta = 0.9
+            loop["smooth_loss"] = beta * loop["smooth_loss"] + (1 - beta) * train_loss
+            smooth = loop["smooth_loss"] / (1 - beta ** step)
+            if step > 10 or num_iterations <= 10:
+                loop["train_seconds"] += dt  # like the reference, the first steps (compilation) are not counted
+            tok_per_sec = args.total_batch_size / dt
+            mfu = 100 * flops_per_token * tok_per_sec / (peak * ctx.world_size) if peak else None
+            if step % args.log_every == 0 or step == num_iterations:
+                events.metric(step=step, loss=round(train_loss, 6), smooth_loss=round(smooth, 6), lrm=round(lrm, 6),
+                              dt=round(dt, 4), tok_per_sec=round(tok_per_sec, 1), mfu=None if mfu is None else round(mfu, 2),
+                              peak_mem_mb=round(ctx.max_memory_mb(), 1), epoch=loaders[0].state_dict().get("epoch", 0),
+                              fraction=round(step / num_iterations, 5), train_seconds=round(loop["train_seconds"], 3))
+            if ctx.master and (step % 10 == 0 or step == num_iterations):
+                print(f"step {step:6d}/{num_iterations} | loss {train_loss:.4f} (smooth {smooth:.4f}) | lrm {lrm:.3f} | "
+                      f"{dt * 1000:.0f} ms | {tok_per_sec:,.0f} tok/s" + (f" | mfu {mfu:.1f}%" if mfu else ""), flush=True)
 
-        if step == args.stop_after_step:
-            stop["now"] = True
-        # A stop request (SIGTERM/SIGINT) must be seen by every rank at the same step.
-        if ctx.distributed:
-            flag = torch.tensor([1.0 if stop["now"] else 0.0], device=ctx.device)
-            dist.all_reduce(flag)
-            stop["now"] = flag.item() > 0
-        train_loss = common.all_reduce_mean(train_loss, ctx)
-        if not math.isfinite(train_loss):
-            raise FloatingPointError(f"loss became {train_loss} at step {step}; lower the learning rates or check the data")
-        beta = 0.9
-        loop["smooth_loss"] = beta * loop["smooth_loss"] + (1 - beta) * train_loss
-        smooth = loop["smooth_loss"] / (1 - beta ** step)
-        if step > 10 or num_iterations <= 10:
-            loop["train_seconds"] += dt  # like the reference, the first steps (compilation) are not counted
-        tok_per_sec = args.total_batch_size / dt
-        mfu = 100 * flops_per_token * tok_per_sec / (peak * ctx.world_size) if peak else None
-        if step % args.log_every == 0 or step == num_iterations:
-            events.metric(step=step, loss=round(train_loss, 6), smooth_loss=round(smooth, 6), lrm=round(lrm, 6),
-                          dt=round(dt, 4), tok_per_sec=round(tok_per_sec, 1), mfu=None if mfu is None else round(mfu, 2),
-                          peak_mem_mb=round(ctx.max_memory_mb(), 1), epoch=loaders[0].state_dict().get("epoch", 0),
-                          fraction=round(step / num_iterations, 5), train_seconds=round(loop["train_seconds"], 3))
-        if ctx.master and (step % 10 == 0 or step == num_iterations):
-            print(f"step {step:6d}/{num_iterations} | loss {train_loss:.4f} (smooth {smooth:.4f}) | lrm {lrm:.3f} | "
-                  f"{dt * 1000:.0f} ms | {tok_per_sec:,.0f} tok/s" + (f" | mfu {mfu:.1f}%" if mfu else ""), flush=True)
-
-    events.emit("result", step=step, num_iterations=num_iterations, min_val_bpb=loop["min_val_bpb"],
-                train_seconds=round(loop["train_seconds"], 3), params=model.num_params())
-    return EXIT_INTERRUPTED if stop["now"] and step < num_iterations else 0
+        events.emit("result", step=step, num_iterations=num_iterations, min_val_bpb=loop["min_val_bpb"],
+                    train_seconds=round(loop["train_seconds"], 3), params=model.num_params())
+        return EXIT_INTERRUPTED if stop["now"] and step < num_iterations else 0
+    finally:
+        for b in batches:
+            b.close()  # stop each loader's background threads before the interpreter exits
 
 
 def main(argv=None):

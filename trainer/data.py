@@ -348,8 +348,13 @@ class PretrainLoader:
                                "stats": dict(stats)}
                 yield both[0], both[1], self._state
         finally:
+            # Wait for the reader and the tokenizer threads: a thread still inside
+            # pyarrow or tokenizers when the interpreter exits aborts the process
+            # ("terminate called without an active exception"). The reader polls
+            # `stop` every 0.1 s, so this takes at most one row group's read.
             stop.set()
-            pool.shutdown(wait=False, cancel_futures=True)
+            producer.join()
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 def val_batches(paths, tokenizer, batch_size: int, seq_len: int, max_tokens: int, rank: int = 0, world_size: int = 1,
