@@ -45,6 +45,18 @@ def manage_env(tmp_path):
     return env
 
 
+@pytest.fixture(scope="module")
+def torch_one_thread():
+    """Tiny models gain nothing from threads, and on a busy 2-core machine OpenMP threads waiting for
+    each other turn a 50 us matmul into 15 ms. Restored afterwards for the other test files."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def free_port():
     with socket.socket() as s:

@@ -11,14 +11,7 @@ from trainer.model import (GPT, CausalSelfAttention, GPTConfig, apply_rotary, bu
                            flops_per_token_by_hand, rotary_tables)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy 2-core machine OpenMP threads waiting for
-    each other turn a 50 us matmul into 15 ms. Restored afterwards for the other test files."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def tiny(**kw) -> GPTConfig:
