@@ -209,7 +209,7 @@ WORKER = REPO / "tests" / "dist_optim_worker.py"
 
 
 @pytest.fixture(scope="module")
-def worlds(tmp_path_factory, one_thread):
+def worlds(tmp_path_factory, torch_one_thread):
     """The worker on 2 ranks under torchrun and, meanwhile, on 1 rank in this process; their output folders."""
     from tests import dist_optim_worker
 
