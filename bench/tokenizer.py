@@ -116,25 +116,10 @@ def peak_rss_mb() -> float:
 
 def hf_trainer_setup(vocab_size: int):
     import bpe_rust
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(bpe_rust.DEFAULT_PATTERN), "isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
-    )
-    from tokenizers import decoders
+    from trainer.tok_eval import hf_bpe_trainer
 
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        show_progress=False,
-        special_tokens=list(bpe_rust.SPECIAL_TOKENS),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    return tok, trainer
+    return hf_bpe_trainer(bpe_rust.DEFAULT_PATTERN, vocab_size)
 
 
 def worker_train(spec: dict) -> dict:

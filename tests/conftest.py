@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import sys
 from pathlib import Path
 
@@ -59,9 +58,9 @@ def torch_one_thread():
 
 @pytest.fixture
 def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    from tests.helpers import free_port
+
+    return free_port()
 
 
 # --- fake pipeline stages --------------------------------------------------------------------

@@ -1,7 +1,10 @@
 """Small helpers shared by tests (no fixtures here: see conftest.py)."""
 
 import os
+import socket
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -10,7 +13,13 @@ def mirror() -> Path:
     """The offline data mirror: $NANOSTUDIO_DATA_MIRROR or ../shared/data beside the checkout."""
     value = os.environ.get("NANOSTUDIO_DATA_MIRROR")
     path = Path(value) if value else REPO.parent / "shared" / "data"
-    assert (path / "pretrain").is_dir(), (
-        f"offline data mirror not found at {path}; set NANOSTUDIO_DATA_MIRROR to a folder laid out like shared/data"
-    )
+    if not (path / "pretrain").is_dir():
+        pytest.fail(f"offline data mirror not found at {path}; set NANOSTUDIO_DATA_MIRROR to a folder laid out like shared/data")
     return path
+
+
+def free_port() -> int:
+    """A TCP port on localhost that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

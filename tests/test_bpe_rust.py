@@ -36,7 +36,8 @@ import bpe_rust
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bpe_reference as ref  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers import mirror  # noqa: E402
+
 PAT = bpe_rust.DEFAULT_PATTERN
 SPECIALS = bpe_rust.SPECIAL_TOKENS
 N_SPEC = len(SPECIALS)
@@ -49,7 +50,7 @@ HYP = settings(
 
 
 def mirror_path(rel: str) -> Path:
-    root = Path(os.environ.get("NANOSTUDIO_DATA_MIRROR", REPO.parent / "shared" / "data"))
+    root = mirror()
     p = root / rel
     if not p.exists():
         pytest.fail(

@@ -265,12 +265,12 @@ def train(args, ctx, events: EventWriter, stop: dict) -> int:
 
             if step == args.stop_after_step:
                 stop["now"] = True
-            # A stop request (SIGTERM/SIGINT) must be seen by every rank at the same step.
+            # One collective per step carries both the mean loss and any stop request
+            # (SIGTERM/SIGINT), which every rank must act on at the same step.
             if ctx.distributed:
-                flag = torch.tensor([1.0 if stop["now"] else 0.0], device=ctx.device)
-                dist.all_reduce(flag)
-                stop["now"] = flag.item() > 0
-            train_loss = common.all_reduce_mean(train_loss, ctx)
+                shared = torch.tensor([train_loss, 1.0 if stop["now"] else 0.0], dtype=torch.float64, device=ctx.device)
+                dist.all_reduce(shared)
+                train_loss, stop["now"] = shared[0].item() / ctx.world_size, shared[1].item() > 0
             if not math.isfinite(train_loss):
                 raise FloatingPointError(f"loss became {train_loss} at step {step}; lower the learning rates or check the data")
             beta = 0.9

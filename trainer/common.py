@@ -146,18 +146,3 @@ def teardown():
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
-
-
-def all_reduce_mean(value: float, ctx: Context) -> float:
-    """Average a Python float across ranks (for logging; cheap)."""
-    if not ctx.distributed:
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=ctx.device)
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t.item() / ctx.world_size
-
-
-def all_reduce_sum(tensor: torch.Tensor, ctx: Context) -> torch.Tensor:
-    if ctx.distributed:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return tensor

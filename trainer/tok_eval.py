@@ -135,20 +135,26 @@ def load_reference(name: str, folder: Path):
     return tiktoken.Encoding(name=name, pat_str=pattern, mergeable_ranks=ranks, special_tokens=specials)
 
 
-def train_hf_baseline(meta: dict, texts) -> "object":
-    """HF tokenizers' BpeTrainer on the same text, vocabulary size, pattern and specials."""
+def hf_bpe_trainer(pattern: str, vocab_size: int):
+    """An untrained HF tokenizer and BpeTrainer set up like ours: same split pattern, byte level, specials."""
     from tokenizers import Regex, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = HFTokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(meta["pattern"]), behavior="isolated", invert=False),
+        pre_tokenizers.Split(Regex(pattern), behavior="isolated", invert=False),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=meta["vocab_size"], min_frequency=0, show_progress=False,
+        vocab_size=vocab_size, min_frequency=0, show_progress=False,
         special_tokens=list(SPECIAL_TOKENS), initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
+    return tok, trainer
+
+
+def train_hf_baseline(meta: dict, texts) -> "object":
+    """HF tokenizers' BpeTrainer on the same text, vocabulary size, pattern and specials."""
+    tok, trainer = hf_bpe_trainer(meta["pattern"], meta["vocab_size"])
     tok.train_from_iterator(texts, trainer=trainer)
     tok.encode_special_tokens = True
     return tok

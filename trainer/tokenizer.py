@@ -24,20 +24,13 @@ from __future__ import annotations
 
 import json
 import os
-from functools import cached_property
+from functools import cache, cached_property
 from pathlib import Path
 
-SPECIAL_TOKENS = [
-    "<|bos|>",
-    "<|user_start|>",
-    "<|user_end|>",
-    "<|assistant_start|>",
-    "<|assistant_end|>",
-    "<|python_start|>",
-    "<|python_end|>",
-    "<|output_start|>",
-    "<|output_end|>",
-]
+import bpe_rust
+
+# The nine document/chat/tool tokens, defined once in the Rust trainer.
+SPECIAL_TOKENS = list(bpe_rust.SPECIAL_TOKENS)
 TOKENIZER_FILE = "tokenizer.json"
 
 
@@ -63,6 +56,11 @@ def bytes_to_unicode() -> dict[int, str]:
             mapping[b] = chr(256 + shifted)
             shifted += 1
     return mapping
+
+
+@cache
+def unicode_to_bytes() -> dict[str, int]:
+    return {c: b for b, c in bytes_to_unicode().items()}
 
 
 class Tokenizer:
@@ -144,7 +142,7 @@ class Tokenizer:
         decoding to str: a token holding half of a UTF-8 character still
         counts its real bytes.
         """
-        back = {c: b for b, c in bytes_to_unicode().items()}
+        back = unicode_to_bytes()
         vocab = self._tok.get_vocab(with_added_tokens=False)
         lengths = [0] * self.vocab_size
         for token, i in vocab.items():
@@ -157,7 +155,7 @@ class Tokenizer:
         return lengths
 
     def token_raw_bytes(self, i: int) -> bytes:
-        back = {c: b for b, c in bytes_to_unicode().items()}
+        back = unicode_to_bytes()
         token = self._tok.id_to_token(i)
         if token is None:
             raise IndexError(i)
