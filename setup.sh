@@ -23,6 +23,29 @@ command -v "$PY" >/dev/null || die "no $PY on PATH; install Python 3.10+ or set 
 command -v cargo >/dev/null || [ -x "$HOME/.cargo/bin/cargo" ] || die "the Rust toolchain (cargo) is needed to build bpe_rust: https://rustup.rs"
 export PATH="$HOME/.cargo/bin:$PATH"
 
+# System packages the tests need: Debian's chromium (browser tests; Playwright
+# drives it, never downloads its own), PostgreSQL and Redis (the studio's scale
+# mode is tested against real servers). Installed once, when missing, as root.
+# NANOSTUDIO_NO_APT=1 skips this (those tests then skip with a message).
+need_apt() {
+    [ "${NANOSTUDIO_NO_APT:-0}" = 1 ] && return 1
+    command -v chromium >/dev/null && command -v redis-server >/dev/null && ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && return 1
+    return 0
+}
+if [ "${1:-}" = test ] && need_apt; then
+    if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+        say "installing chromium, postgresql and redis-server (apt)"
+        apt-get update -qq >/dev/null
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium postgresql redis-server >/dev/null
+    elif command -v apt-get >/dev/null && command -v sudo >/dev/null; then
+        say "installing chromium, postgresql and redis-server (sudo apt)"
+        sudo apt-get update -qq >/dev/null
+        sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium postgresql redis-server >/dev/null
+    else
+        say "chromium/postgresql/redis-server missing and no apt: browser and scale-mode tests will be skipped"
+    fi
+fi
+
 if [ ! -x .venv/bin/python ]; then
     say "creating .venv"
     "$PY" -m venv .venv

@@ -104,3 +104,11 @@ def load_or_create_secret_key(path: Path) -> str:
     if not key:
         raise RuntimeError(f"{path} is empty: delete it (a new key is made) or set SECRET_KEY")
     return key
+
+
+def plotly_js_dir() -> Path:
+    """The folder of plotly.min.js inside the installed plotly package."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("plotly")
+    return Path(spec.origin).parent / "package_data"

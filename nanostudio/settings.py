@@ -16,6 +16,9 @@ REDIS_URL to scale out (PostgreSQL, Redis). Variables:
     NANOSTUDIO_HTTPS      1 when served over TLS: secure cookies, SSL redirect, proxy header
     SECURE_HSTS_SECONDS   HSTS max-age (default 0 = off; only meaningful with TLS)
     NANOSTUDIO_RUN_TIMEOUT  longest pipeline a queue worker may run, seconds (default 7 days)
+    NANOSTUDIO_CANCEL_GRACE seconds between SIGTERM and SIGKILL when a run is cancelled (default 10)
+    NANOSTUDIO_PAUSE_GRACE  seconds a paused stage may take to save its checkpoint (default 900)
+    NANOSTUDIO_GPUS       GPUs of this node to lease to runs (default: what nvidia-smi -L lists)
     NANOSTUDIO_Q_WORKERS  pipelines run at once by one qcluster (default 1: they share the GPUs)
     LOG_LEVEL             console log level (default INFO)
 """
@@ -26,7 +29,7 @@ import os
 import warnings
 from pathlib import Path
 
-from nanostudio.env import database_config, envbool, envint, envlist, load_or_create_secret_key
+from nanostudio.env import database_config, envbool, envint, envlist, load_or_create_secret_key, plotly_js_dir
 
 BASE_DIR = Path(__file__).resolve().parent.parent  # the repository root
 NANOSTUDIO_HOME = Path(os.environ.get("NANOSTUDIO_HOME") or BASE_DIR).resolve()
@@ -63,6 +66,8 @@ MIDDLEWARE = [
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
+    # Every page needs a login except the login page itself (see LOGIN_URL).
+    "django.contrib.auth.middleware.LoginRequiredMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
 ]
@@ -96,6 +101,10 @@ AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
 ]
 
+LOGIN_URL = "login"
+LOGIN_REDIRECT_URL = "studio:dashboard"
+LOGOUT_REDIRECT_URL = "login"
+
 LANGUAGE_CODE = "en-us"
 TIME_ZONE = os.environ.get("TIME_ZONE", "UTC")
 USE_I18N = True
@@ -106,7 +115,8 @@ USE_TZ = True
 # Finders let it serve straight from static/ without a collectstatic step;
 # collectstatic into STATIC_ROOT still works for a proxy in front.
 STATIC_URL = "static/"
-STATICFILES_DIRS = [BASE_DIR / "static"]
+# plotly.js comes from the plotly Python package (no CDN: GPU nodes are often offline).
+STATICFILES_DIRS = [BASE_DIR / "static", ("plotly", plotly_js_dir())]
 STATIC_ROOT = NANOSTUDIO_HOME / "staticfiles"
 WHITENOISE_USE_FINDERS = True
 WHITENOISE_AUTOREFRESH = DEBUG
@@ -159,7 +169,10 @@ else:
 # Cancellation is ours: a DB flag polled by execute_run plus signals to the
 # stage's process group (see studio/actions.py).
 NANOSTUDIO_RUN_TIMEOUT = envint("NANOSTUDIO_RUN_TIMEOUT", 7 * 24 * 3600)
-NANOSTUDIO_CANCEL_GRACE = float(os.environ.get("NANOSTUDIO_CANCEL_GRACE", "30"))
+# Cancel: SIGTERM to the stage's process group, then SIGKILL after this many
+# seconds. Pause: SIGTERM and wait this long for the checkpoint to be saved.
+NANOSTUDIO_CANCEL_GRACE = float(os.environ.get("NANOSTUDIO_CANCEL_GRACE", "10"))
+NANOSTUDIO_PAUSE_GRACE = float(os.environ.get("NANOSTUDIO_PAUSE_GRACE", "900"))
 Q_CLUSTER = {
     "name": "nanostudio",
     "workers": envint("NANOSTUDIO_Q_WORKERS", 1),

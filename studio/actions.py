@@ -3,7 +3,11 @@
     run = create_run("tiny", {"vocab_size": "4096"})   # validate, make runs/<id>/, write config.json
     enqueue_run(run)                                   # the django-q2 worker calls execute_run
     execute_run(run, on_event=print)                   # or run it here, in the foreground
-    cancel_run(run)                                    # from any process: a DB flag the supervisor polls
+    pause_run(run)      # from any process: DB flags the supervisor polls. Pause: the stage saves and exits
+    cancel_run(run)     # cancel: SIGTERM, NANOSTUDIO_CANCEL_GRACE seconds, SIGKILL
+    kill_run(run)       # kill: SIGKILL now (the last resort)
+    resume_run(run)     # a paused, failed or cancelled run continues from its first unfinished stage
+    delete_run(run)     # rows and run directory of a run that is not active
 
 How a run executes: each stage is a subprocess started in its own session, so
 its pid is also the id of a process group that holds every process the stage
@@ -12,7 +16,8 @@ stage means signalling that group: SIGTERM, a grace period, then SIGKILL.
 The supervisor (the queue worker or `runjob`) follows events.jsonl while the
 stage runs, stores new events as RunEvent rows and polls the run's
 cancel_requested flag, which is how a click in the browser reaches a worker
-in another process.
+in another process. GPU stages lease their GPUs (GpuLease rows) so two runs
+on one node never share one; a stage waits for free GPUs.
 """
 
 from __future__ import annotations
@@ -28,13 +33,17 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from functools import lru_cache
+
 from django.conf import settings
-from django.db import DatabaseError, transaction
+from django.db import DatabaseError, IntegrityError, transaction
+from django.db.models import F
+from django.db.models.functions import Coalesce
 from django.utils import timezone
 
-from studio.models import Run, RunEvent, StageRun, new_run_id, tail_lines
-from trainer import config
-from trainer.events import CONFIG_FILE, read_events, stage_log_path, write_json_atomic
+from studio.models import GpuLease, Run, RunEvent, StageRun, new_run_id, tail_lines
+from trainer import config, report
+from trainer.events import CONFIG_FILE, latest_checkpoint, stage_log_path, tail_events, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -46,16 +55,28 @@ class RunNotQueued(Exception):
     """execute_run was asked to start a run that is not (or no longer) queued."""
 
 
+class ActionError(Exception):
+    """An action that the run's state does not allow; the message says why and what to do."""
+
+
+# What a supervisor is asked to do with its running stage, strongest first.
+KILL, CANCEL, PAUSE = "kill", "cancel", "pause"
+
+
 # --- creating and queueing -------------------------------------------------------------------
 
 
-def create_run(preset: str, overrides: dict | None = None, name: str = "", runs_dir: str | os.PathLike | None = None) -> Run:
+def create_run(preset: str, overrides: dict | None = None, name: str = "", runs_dir: str | os.PathLike | None = None,
+               owner=None) -> Run:
     """Validate the configuration, create runs/<id>/ with config.json, and the Run row.
 
     Raises config.ConfigError (with per-field messages) and creates nothing
     if the configuration is invalid.
     """
     cfg = config.resolve(preset, overrides or {})
+    gpus = host_gpu_count()
+    if gpus and cfg["nproc_per_node"] > gpus:
+        raise config.ConfigError({"nproc_per_node": f"this node has {gpus} GPU(s); use nproc_per_node={gpus} or fewer"})
     run_id = new_run_id()
     run_dir = Path(runs_dir or settings.NANOSTUDIO_RUNS_DIR).resolve() / run_id
     (run_dir / "logs").mkdir(parents=True)
@@ -63,7 +84,7 @@ def create_run(preset: str, overrides: dict | None = None, name: str = "", runs_
         write_json_atomic(run_dir / CONFIG_FILE, cfg)
         commands = config.stage_commands(cfg, str(run_dir))
         with transaction.atomic():
-            run = Run.objects.create(id=run_id, name=name.strip(), preset=preset, config=cfg, directory=str(run_dir))
+            run = Run.objects.create(id=run_id, name=name.strip(), preset=preset, config=cfg, directory=str(run_dir), owner=owner)
             StageRun.objects.bulk_create(
                 StageRun(run=run, name=cmd.name, order=i, argv=cmd.argv) for i, cmd in enumerate(commands)
             )
@@ -97,11 +118,13 @@ def execute_run(
     stop_check: Callable[[], bool] | None = None,
     on_stage: Callable[[StageRun], None] | None = None,
 ) -> Run:
-    """Run the run's stages in order, in this process; return the finished run.
+    """Run the run's unfinished stages in order, in this process; return the finished run.
 
     on_event(event) is called for every new event a stage writes; on_stage(stage)
     whenever a stage starts or finishes; stop_check() -> True stops the run like
-    cancel_run does. A failed stage fails the run and skips the rest.
+    cancel_run does. A failed stage fails the run and skips the rest; a paused
+    one pauses it (resume_run continues from there). Stages already done (a
+    resumed run) are not run again.
     KeyboardInterrupt (Ctrl-C, or SIGTERM turned into one by `runjob`) kills
     the running stage, marks the run cancelled and is re-raised; any other
     exception (e.g. the queue's timeout) does the same but marks it failed.
@@ -110,24 +133,40 @@ def execute_run(
     # task, two `runjob`s, a double click): only one UPDATE can win.
     claimed = Run.objects.filter(pk=run.pk, status=Run.Status.QUEUED, cancel_requested=False).update(
         status=Run.Status.RUNNING,
-        started_at=timezone.now(),
+        started_at=Coalesce(F("started_at"), timezone.now()),
         supervisor_pid=os.getpid(),
         supervisor_host=socket.gethostname(),
+        supervisor_token=process_token(),
+        pause_requested=False,
+        kill_requested=False,
     )
     run.refresh_from_db()
     if not claimed:
         raise RunNotQueued(f"run {run.id} is {run.status}; only a queued run can be executed")
+    _notify(run)
+    try:
+        report.capture_environment(run.run_dir)
+    except Exception:  # a report detail must never stop a training run
+        log.exception("run %s: could not record the environment", run.id)
 
     commands = {cmd.name: cmd for cmd in config.stage_commands(run.config, str(run.run_dir))}
     outcome, error = Run.Status.DONE, ""
     try:
         for stage in run.stages.order_by("order"):
-            if _stop_requested(run, stop_check):
-                outcome, error = Run.Status.CANCELLED, "cancelled"
+            if stage.status == StageRun.Status.DONE:
+                continue
+            request = _stop_requested(run, stop_check)
+            if request:
+                outcome, error = _stopped_outcome(request, f"before {stage.name}")
                 break
             status = _run_stage(run, stage, commands.get(stage.name), on_event, on_stage, stop_check)
+            _write_report(run)
             if status == StageRun.Status.CANCELLED:
-                outcome, error = Run.Status.CANCELLED, f"cancelled during {stage.name}"
+                killed = Run.objects.filter(pk=run.pk, kill_requested=True).exists()
+                outcome, error = Run.Status.CANCELLED, f"{'killed' if killed else 'cancelled'} during {stage.name}"
+                break
+            if status == StageRun.Status.PAUSED:
+                outcome, error = Run.Status.PAUSED, ""
                 break
             if status == StageRun.Status.FAILED:
                 outcome, error = Run.Status.FAILED, _failure_message(run, stage)
@@ -143,6 +182,20 @@ def execute_run(
     return run
 
 
+def _stopped_outcome(request: str, where: str) -> tuple[str, str]:
+    if request == PAUSE:
+        return Run.Status.PAUSED, ""
+    return Run.Status.CANCELLED, f"{'killed' if request == KILL else 'cancelled'} {where}"
+
+
+def _resume_args(run: Run, stage: StageRun) -> list[str]:
+    # A stage that saved checkpoints continues from its latest one (exactly:
+    # model, optimizer, data position) instead of starting over.
+    if stage.name in config.RESUMABLE_STAGES and latest_checkpoint(run.run_dir / "checkpoints" / stage.name):
+        return ["--resume"]
+    return []
+
+
 def _run_stage(run, stage, command, on_event, on_stage, stop_check) -> str:
     """Run one stage to its end; return its final status."""
     log_path = stage_log_path(run.run_dir, stage.name)
@@ -150,13 +203,29 @@ def _run_stage(run, stage, command, on_event, on_stage, stop_check) -> str:
     stage.started_at = timezone.now()
     if command is None:
         return _finish_stage(stage, StageRun.Status.FAILED, None, on_stage, note=f"no command for stage {stage.name}")
-    stage.argv = command.argv
+    stage.argv = command.argv + _resume_args(run, stage)
     env = {**os.environ, **command.env, "PYTHONUNBUFFERED": "1"}
+
+    gpus = None
+    if stage.name in config.DISTRIBUTED_STAGES and host_gpu_count():
+        gpus = lease_gpus(run, stage, run.config["nproc_per_node"], stop_check)
+        if gpus is None:  # asked to stop while waiting for GPUs
+            paused = (_stop_requested(run, stop_check) or CANCEL) == PAUSE
+            return _finish_stage(stage, StageRun.Status.PAUSED if paused else StageRun.Status.CANCELLED, None, on_stage)
+        env["CUDA_VISIBLE_DEVICES"] = stage.gpus = ",".join(map(str, gpus))
+    try:
+        return _run_process(run, stage, env, log_path, on_event, on_stage, stop_check)
+    finally:
+        if gpus is not None:
+            release_gpus(run, stage)
+
+
+def _run_process(run, stage, env, log_path, on_event, on_stage, stop_check) -> str:
     with open(log_path, "ab", buffering=0) as log_file:
         log_file.write(f"# {timezone.now():%Y-%m-%d %H:%M:%S} UTC nanostudio runs: {stage.command_line}\n".encode())
         try:
             proc = subprocess.Popen(
-                command.argv,
+                stage.argv,
                 cwd=settings.BASE_DIR,
                 env=env,
                 stdin=subprocess.DEVNULL,
@@ -168,10 +237,12 @@ def _run_stage(run, stage, command, on_event, on_stage, stop_check) -> str:
             log_file.write(f"# could not start: {e}\n".encode())
             return _finish_stage(stage, StageRun.Status.FAILED, None, on_stage)
 
-    stopped = False
+    handled = ""  # the strongest stop request acted upon so far
+    pause_deadline = None
     try:
-        stage.pid, stage.status = proc.pid, StageRun.Status.RUNNING
-        stage.save(update_fields=["argv", "pid", "status", "started_at"])
+        stage.pid, stage.status, stage.note = proc.pid, StageRun.Status.RUNNING, ""
+        stage.save(update_fields=["argv", "pid", "status", "started_at", "note", "gpus"])
+        _notify(run)
         if on_stage:
             on_stage(stage)
         while True:
@@ -179,51 +250,89 @@ def _run_stage(run, stage, command, on_event, on_stage, stop_check) -> str:
                 code = proc.wait(timeout=POLL_SECONDS)
             except subprocess.TimeoutExpired:
                 code = None
-            if _follow(run, on_event, stop_check) and code is None:
-                stopped = True
-                code = terminate_process_group(proc, settings.NANOSTUDIO_CANCEL_GRACE)
+            request = _follow(run, on_event, stop_check)
             if code is not None:
                 break
+            if request == KILL and handled != KILL:
+                handled = KILL
+                signal_process_group(proc.pid, signal.SIGKILL)
+            elif request == CANCEL and handled not in (KILL, CANCEL):
+                handled = CANCEL
+                code = terminate_process_group(proc, settings.NANOSTUDIO_CANCEL_GRACE)
+                break
+            elif request == PAUSE and not handled:
+                # The stage finishes its step, saves a checkpoint and exits (75);
+                # only one that does not within the grace period is killed.
+                handled = PAUSE
+                signal_process_group(proc.pid, signal.SIGTERM)
+                pause_deadline = time.monotonic() + settings.NANOSTUDIO_PAUSE_GRACE
+            elif handled == PAUSE and time.monotonic() > pause_deadline:
+                _append_log(stage, f"did not exit within {settings.NANOSTUDIO_PAUSE_GRACE:.0f} s of the pause request: killed")
+                signal_process_group(proc.pid, signal.SIGKILL)
+                handled = KILL
     except BaseException as e:
         code = terminate_process_group(proc, settings.NANOSTUDIO_CANCEL_GRACE)
         status = StageRun.Status.CANCELLED if isinstance(e, KeyboardInterrupt) else StageRun.Status.FAILED
         _finish_stage(stage, status, code, on_stage)
         raise
     _kill_leftovers(proc.pid)
-    stop_requested = _follow(run, on_event, stop_check)
-    # A stage that ends badly just as the run is cancelled (it may have been
-    # signalled from outside, e.g. by a person) counts as cancelled, not failed.
-    if not stopped and code != 0 and stop_requested:
-        stopped = True
-    if stopped:
+    late = _follow(run, on_event, stop_check)
+    # A stage that ends badly just as the run is stopped (it may have been
+    # signalled from outside, e.g. by a person) counts as stopped, not failed.
+    if not handled and code != 0 and late:
+        handled = late
+    if handled in (KILL, CANCEL):
         status = StageRun.Status.CANCELLED
+    elif code == 0:
+        status = StageRun.Status.DONE
+    elif handled == PAUSE:
+        status = StageRun.Status.PAUSED
     else:
-        status = StageRun.Status.DONE if code == 0 else StageRun.Status.FAILED
+        status = StageRun.Status.FAILED
     return _finish_stage(stage, status, code, on_stage)
+
+
+def _append_log(stage: StageRun, note: str) -> None:
+    with open(stage_log_path(stage.run.run_dir, stage.name), "a") as f:
+        f.write(f"# {note}\n")
 
 
 def _finish_stage(stage, status, code, on_stage, note: str = "") -> str:
     stage.status, stage.exit_code, stage.finished_at = status, code, timezone.now()
-    stage.save(update_fields=["argv", "status", "exit_code", "started_at", "finished_at"])
+    stage.save(update_fields=["argv", "status", "exit_code", "started_at", "finished_at", "gpus"])
     if note:
-        with open(stage_log_path(stage.run.run_dir, stage.name), "a") as f:
-            f.write(f"# {note}\n")
+        _append_log(stage, note)
+    _notify(stage.run)
     if on_stage:
         on_stage(stage)
     return status
 
 
 def _finish_run(run: Run, outcome: str, error: str) -> None:
-    leftover = StageRun.Status.SKIPPED if outcome == Run.Status.FAILED else StageRun.Status.CANCELLED
-    if outcome != Run.Status.DONE:
-        run.stages.filter(status=StageRun.Status.QUEUED).update(status=leftover)
+    if outcome == Run.Status.FAILED:
+        run.stages.filter(status=StageRun.Status.QUEUED).update(status=StageRun.Status.SKIPPED)
+    elif outcome == Run.Status.CANCELLED:
+        run.stages.filter(status=StageRun.Status.QUEUED).update(status=StageRun.Status.CANCELLED)
+    # A paused run keeps its later stages queued: resume_run runs them.
     try:
         ingest_events(run)
     except Exception:  # the run's outcome matters more than its last events
         log.exception("could not ingest the last events of run %s", run.id)
-    Run.objects.filter(pk=run.pk).update(status=outcome, error=error, finished_at=timezone.now())
+    Run.objects.filter(pk=run.pk).update(
+        status=outcome, error=error, finished_at=timezone.now(),
+        cancel_requested=False, kill_requested=False, pause_requested=False,
+    )
     run.refresh_from_db()
+    _write_report(run)
+    _notify(run)
     log.info("run %s %s", run.id, outcome)
+
+
+def _write_report(run: Run) -> None:
+    try:
+        report.write_report(run.run_dir)
+    except Exception:  # a report detail must never stop a training run
+        log.exception("run %s: could not write report.md", run.id)
 
 
 def _failure_message(run: Run, stage: StageRun) -> str:
@@ -239,8 +348,8 @@ def _failure_message(run: Run, stage: StageRun) -> str:
     return message
 
 
-def _follow(run: Run, on_event, stop_check) -> bool:
-    """Store the stage's new events; return True if the run should stop.
+def _follow(run: Run, on_event, stop_check) -> str:
+    """Store the stage's new events; return the stop request ("" if none).
 
     A busy database (SQLite shared with the web process) must not kill a
     training run: the events stay in events.jsonl and are stored next time.
@@ -250,13 +359,99 @@ def _follow(run: Run, on_event, stop_check) -> bool:
         return _stop_requested(run, stop_check)
     except DatabaseError as e:
         log.warning("run %s: database unavailable, will retry: %s", run.id, e)
-        return stop_check is not None and bool(stop_check())
+        return CANCEL if stop_check is not None and stop_check() else ""
 
 
-def _stop_requested(run: Run, stop_check) -> bool:
+def _stop_requested(run: Run, stop_check) -> str:
+    """"kill", "cancel", "pause" or "" (strongest first)."""
     if stop_check is not None and stop_check():
-        return True
-    return Run.objects.filter(pk=run.pk, cancel_requested=True).exists()
+        return CANCEL
+    flags = Run.objects.filter(pk=run.pk).values_list("kill_requested", "cancel_requested", "pause_requested").first()
+    if not flags:
+        return CANCEL  # the run was deleted under us
+    kill, cancel, pause = flags
+    return KILL if kill else CANCEL if cancel else PAUSE if pause else ""
+
+
+# --- GPU leases ------------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=1)
+def host_gpu_count() -> int:
+    """GPUs on this node: NANOSTUDIO_GPUS if set, else what `nvidia-smi -L` lists (0 without)."""
+    if os.environ.get("NANOSTUDIO_GPUS", "").strip():
+        return int(os.environ["NANOSTUDIO_GPUS"])
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return 0
+    return sum(1 for line in out.stdout.splitlines() if line.startswith("GPU ")) if out.returncode == 0 else 0
+
+
+def lease_gpus(run: Run, stage: StageRun, n: int, stop_check=None) -> list[int] | None:
+    """Take `n` free GPUs of this host for the stage, waiting while others hold them.
+
+    Returns the GPU indices, or None if the run was asked to stop while waiting.
+    Leases of supervisors that are gone (killed, rebooted) are taken over.
+    """
+    host, token, total = socket.gethostname(), process_token(), host_gpu_count()
+    if n > total:
+        raise RuntimeError(f"stage {stage.name} needs {n} GPUs but this node has {total}")
+    waiting = False
+    while True:
+        for lease in GpuLease.objects.filter(host=host).exclude(holder_token=token):
+            if not token_alive(lease.holder_token):
+                log.warning("taking over GPU %s from %s (its supervisor is gone)", lease.index, lease.run_id)
+                lease.delete()
+        held = dict(GpuLease.objects.filter(host=host).values_list("index", "run_id"))
+        free = [i for i in range(total) if i not in held]
+        if len(free) >= n:
+            try:
+                with transaction.atomic():
+                    GpuLease.objects.bulk_create(
+                        GpuLease(host=host, index=i, run=run, stage=stage.name, holder_token=token) for i in free[:n]
+                    )
+            except IntegrityError:
+                continue  # another supervisor took one of them first: look again
+            if stage.note:
+                stage.note = ""
+                stage.save(update_fields=["note"])
+            return free[:n]
+        if not waiting:
+            waiting = True
+            busy = ", ".join(sorted(set(held.values())))
+            stage.note = f"waiting for {n} GPU(s): {len(held)} of {total} in use by {busy}"
+            stage.save(update_fields=["note"])
+            _append_log(stage, stage.note)
+            _notify(run)
+        if _stop_requested(run, stop_check):
+            return None
+        time.sleep(POLL_SECONDS)
+
+
+def release_gpus(run: Run, stage: StageRun) -> None:
+    GpuLease.objects.filter(run=run, stage=stage.name, holder_token=process_token()).delete()
+
+
+# --- live updates ----------------------------------------------------------------------------
+
+
+def _notify(run: Run) -> None:
+    """Wake the run's WebSocket consumers at once (only with Redis: the
+    in-memory layer cannot cross processes, and consumers poll anyway)."""
+    if not settings.REDIS_URL:
+        return
+    try:
+        from asgiref.sync import async_to_sync
+        from channels.layers import get_channel_layer
+
+        async_to_sync(get_channel_layer().group_send)(run_group(run.pk), {"type": "run.wake"})
+    except Exception as e:  # live updates are a convenience; training goes on
+        log.warning("run %s: could not notify consumers: %s", run.pk, e)
+
+
+def run_group(run_id: str) -> str:
+    return f"run-{run_id}"
 
 
 # --- events ----------------------------------------------------------------------------------
@@ -268,7 +463,7 @@ def ingest_events(run: Run, on_event: Callable[[dict], None] | None = None) -> l
     Idempotent: rows are unique per (run, seq), so reading the same lines
     again (e.g. after a crash between insert and offset update) adds nothing.
     """
-    events, offset = read_events(run.run_dir, run.events_offset)
+    events, offset, lines = tail_events(run.run_dir, run.events_offset, run.events_seq)
     if events:
         RunEvent.objects.bulk_create(
             [
@@ -277,7 +472,8 @@ def ingest_events(run: Run, on_event: Callable[[dict], None] | None = None) -> l
                     seq=e["seq"],
                     stage=str(e.get("stage", ""))[:64],
                     kind=str(e.get("kind", ""))[:32],
-                    time=e["time"] if isinstance(e.get("time"), (int, float)) and math.isfinite(e["time"]) else None,
+                    step=_int_or_none(e.get("step")),
+                    time=e["time"] if _finite(e.get("time")) else None,
                     data=_json_safe(e),
                 )
                 for e in events
@@ -286,12 +482,47 @@ def ingest_events(run: Run, on_event: Callable[[dict], None] | None = None) -> l
             batch_size=500,
         )
     if offset != run.events_offset:
-        Run.objects.filter(pk=run.pk).update(events_offset=offset)
-        run.events_offset = offset
+        run.summary = summarize(run.summary, events)
+        Run.objects.filter(pk=run.pk).update(events_offset=offset, events_seq=lines, summary=run.summary)
+        run.events_offset, run.events_seq = offset, lines
+        _notify(run)
     if on_event:
         for event in events:
             on_event(event)
     return events
+
+
+# The metrics the dashboard shows per run (min/max/last), by event kind and field.
+SUMMARY_METRICS = {"metric": ("loss", "smooth_loss", "tok_per_sec", "mfu"), "eval": ("val_bpb",)}
+
+
+def summarize(summary: dict, events: list[dict]) -> dict:
+    """Fold new events into a run's summary: progress of the latest stage and min/max/last of key metrics."""
+    summary = {"metrics": {}, "totals": {}, **(summary or {})}
+    for e in events:
+        stage, kind = e.get("stage", ""), e.get("kind")
+        if kind == "setup" and _int_or_none(e.get("num_iterations")):
+            summary["totals"][stage] = int(e["num_iterations"])
+        if kind == "metric":
+            step, total = _int_or_none(e.get("step")), summary["totals"].get(stage)
+            fraction = e.get("fraction") if _finite(e.get("fraction")) else (step / total if step is not None and total else None)
+            summary["progress"] = {"stage": stage, "step": step, "total": total, "fraction": fraction}
+        for name in SUMMARY_METRICS.get(kind, ()):
+            value = e.get(name)
+            if not _finite(value):
+                continue
+            m = summary["metrics"].setdefault(name, {})
+            m.update(last=value, step=e.get("step"), stage=stage,
+                     min=min(value, m.get("min", value)), max=max(value, m.get("max", value)))
+    return summary
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _int_or_none(value):
+    return int(value) if _finite(value) and abs(value) < 2**31 else None
 
 
 def _json_safe(value):
@@ -306,11 +537,11 @@ def _json_safe(value):
     return value
 
 
-# --- stopping --------------------------------------------------------------------------------
+# --- stopping, resuming, deleting ------------------------------------------------------------
 
 
 def cancel_run(run: Run) -> Run:
-    """Stop a run: a queued one is cancelled at once; a running one is asked to stop.
+    """Stop a run: a queued or paused one is cancelled at once; a running one is asked to stop.
 
     For a running run this sets cancel_requested. Its supervisor (the queue
     worker or `runjob`, maybe in another process) polls the flag, sends
@@ -320,24 +551,93 @@ def cancel_run(run: Run) -> Run:
     a checkpoint, say) is not hit by a second one mid-way. If the supervisor
     is gone, this sends the SIGTERM and records the outcome itself.
     """
+    return _request_stop(run, CANCEL)
+
+
+def kill_run(run: Run) -> Run:
+    """The last resort: SIGKILL every process of the running stage now (no checkpoint)."""
+    return _request_stop(run, KILL)
+
+
+def pause_run(run: Run) -> Run:
+    """Ask the running stage to finish its step, save a checkpoint and exit; the run becomes paused.
+
+    resume_run continues exactly from that checkpoint. A stage that does not
+    exit within NANOSTUDIO_PAUSE_GRACE seconds is killed (its last periodic
+    checkpoint is then the resume point).
+    """
+    if run.status != Run.Status.RUNNING:
+        raise ActionError(f"run {run.id} is {run.status}; only a running run can be paused")
+    return _request_stop(run, PAUSE)
+
+
+def _request_stop(run: Run, how: str) -> Run:
     now = timezone.now()
-    if Run.objects.filter(pk=run.pk, status=Run.Status.QUEUED).update(
+    if how != PAUSE and Run.objects.filter(pk=run.pk, status__in=[Run.Status.QUEUED, Run.Status.PAUSED]).update(
         status=Run.Status.CANCELLED, cancel_requested=True, finished_at=now, error="cancelled before it started"
+        if run.status == Run.Status.QUEUED else "cancelled while paused"
     ):
-        run.stages.filter(status=StageRun.Status.QUEUED).update(status=StageRun.Status.CANCELLED)
-    elif Run.objects.filter(pk=run.pk, status=Run.Status.RUNNING).update(cancel_requested=True):
-        run.refresh_from_db()
-        if _supervisor_gone(run):
-            for stage in run.stages.filter(status=StageRun.Status.RUNNING, pid__isnull=False):
-                signal_process_group(stage.pid, signal.SIGTERM)
-            _abandon(run, Run.Status.CANCELLED, "cancelled (its supervisor was no longer running)")
+        run.stages.filter(status__in=[StageRun.Status.QUEUED, StageRun.Status.PAUSED]).update(status=StageRun.Status.CANCELLED)
+    else:
+        flags = {PAUSE: {"pause_requested": True}, CANCEL: {"cancel_requested": True},
+                 KILL: {"kill_requested": True, "cancel_requested": True}}[how]
+        if Run.objects.filter(pk=run.pk, status=Run.Status.RUNNING).update(**flags):
+            run.refresh_from_db()
+            if _supervisor_gone(run):
+                # Nobody polls the flags: signal the stage ourselves and record the outcome.
+                sig = signal.SIGKILL if how == KILL else signal.SIGTERM
+                for stage in run.stages.filter(status=StageRun.Status.RUNNING, pid__isnull=False):
+                    signal_process_group(stage.pid, sig)
+                outcome = Run.Status.PAUSED if how == PAUSE else Run.Status.CANCELLED
+                _abandon(run, outcome, "" if how == PAUSE else f"{how} (its supervisor was no longer running)")
     run.refresh_from_db()
+    _notify(run)
     return run
+
+
+def resume_run(run: Run, enqueue: bool = True) -> Run:
+    """Queue a paused, failed or cancelled run again; it continues from its first unfinished stage.
+
+    Finished stages are kept; the stage that stopped restarts from its latest
+    checkpoint when it has one (see _resume_args), the rest run as planned.
+    """
+    with transaction.atomic():
+        if not Run.objects.filter(pk=run.pk, status__in=Run.RESUMABLE).update(
+            status=Run.Status.QUEUED, error="", finished_at=None,
+            cancel_requested=False, kill_requested=False, pause_requested=False,
+        ):
+            run.refresh_from_db()
+            raise ActionError(f"run {run.id} is {run.status}; only a paused, failed or cancelled run can be resumed")
+        run.stages.exclude(status=StageRun.Status.DONE).update(
+            status=StageRun.Status.QUEUED, exit_code=None, pid=None, finished_at=None, note="")
+    run.refresh_from_db()
+    with open(run.run_dir / "logs" / "studio.log", "a") as f:
+        f.write(f"# {timezone.now():%Y-%m-%d %H:%M:%S} UTC resumed\n")
+    if enqueue:
+        enqueue_run(run)
+    _notify(run)
+    return run
+
+
+def delete_run(run: Run) -> None:
+    """Delete a run that is not active: its rows and its run directory (checkpoints included)."""
+    if run.is_active:
+        raise ActionError(f"run {run.id} is {run.status}; stop it before deleting it")
+    run_dir = run.run_dir
+    # Only ever remove a folder that is this run's own directory.
+    if run_dir.name == run.id and run_dir.is_dir() and (run_dir / CONFIG_FILE).is_file():
+        shutil.rmtree(run_dir, ignore_errors=True)
+    run.delete()
+    log.info("deleted run %s and %s", run.id, run_dir)
 
 
 def _supervisor_gone(run: Run) -> bool:
     # Only answerable on the supervisor's own host (runs may share a database across nodes).
-    return bool(run.supervisor_pid) and run.supervisor_host == socket.gethostname() and not pid_alive(run.supervisor_pid)
+    if not run.supervisor_pid or run.supervisor_host != socket.gethostname():
+        return False
+    if run.supervisor_token:
+        return not token_alive(run.supervisor_token)
+    return not pid_alive(run.supervisor_pid)
 
 
 def reap_orphaned_runs() -> list[Run]:
@@ -345,26 +645,70 @@ def reap_orphaned_runs() -> list[Run]:
 
     A queue worker or `runjob` killed with SIGKILL (or a reboot) cannot record
     its run's end; call this before starting work so such runs do not stay
-    "running" forever. Their stage process groups get SIGTERM.
+    "running" forever. Their stage process groups get SIGTERM. Such a run can
+    be resumed from its last checkpoint.
     """
     reaped = []
     for run in Run.objects.filter(status=Run.Status.RUNNING, supervisor_host=socket.gethostname()):
         if _supervisor_gone(run):
             for stage in run.stages.filter(status=StageRun.Status.RUNNING, pid__isnull=False):
                 signal_process_group(stage.pid, signal.SIGTERM)
-            _abandon(run, Run.Status.FAILED, f"its supervisor (pid {run.supervisor_pid}) exited without finishing the run")
+            _abandon(run, Run.Status.FAILED, f"interrupted: its supervisor (pid {run.supervisor_pid}) stopped without "
+                                             "finishing the run (killed, crashed or the machine restarted); resume it "
+                                             "to continue from its last checkpoint")
+            GpuLease.objects.filter(run=run).delete()
             reaped.append(run)
     return reaped
 
 
 def _abandon(run: Run, outcome: str, error: str) -> None:
-    stage_status = StageRun.Status.CANCELLED if outcome == Run.Status.CANCELLED else StageRun.Status.FAILED
+    stage_status = {Run.Status.CANCELLED: StageRun.Status.CANCELLED, Run.Status.PAUSED: StageRun.Status.PAUSED}.get(
+        outcome, StageRun.Status.FAILED)
     now = timezone.now()
     run.stages.filter(status=StageRun.Status.RUNNING).update(status=stage_status, finished_at=now)
-    run.stages.filter(status=StageRun.Status.QUEUED).update(
-        status=StageRun.Status.CANCELLED if outcome == Run.Status.CANCELLED else StageRun.Status.SKIPPED
-    )
-    Run.objects.filter(pk=run.pk, status=Run.Status.RUNNING).update(status=outcome, error=error, finished_at=now)
+    if outcome != Run.Status.PAUSED:
+        run.stages.filter(status=StageRun.Status.QUEUED).update(
+            status=StageRun.Status.CANCELLED if outcome == Run.Status.CANCELLED else StageRun.Status.SKIPPED
+        )
+    Run.objects.filter(pk=run.pk, status=Run.Status.RUNNING).update(
+        status=outcome, error=error, finished_at=now, cancel_requested=False, kill_requested=False, pause_requested=False)
+
+
+# --- processes -------------------------------------------------------------------------------
+
+
+def process_token(pid: int | None = None) -> str:
+    """boot id : pid : start time of a process, which no other process (now or after a reboot) shares."""
+    pid = pid or os.getpid()
+    return f"{_boot_id()}:{pid}:{_start_time(pid)}"
+
+
+def token_alive(token: str) -> bool:
+    """Is the process a process_token() names still running?"""
+    try:
+        boot, pid, start = token.rsplit(":", 2)
+        pid = int(pid)
+    except ValueError:
+        return False
+    if boot != _boot_id() or not pid_alive(pid):
+        return False
+    return start == _start_time(pid)
+
+
+@lru_cache(maxsize=1)
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+def _start_time(pid: int) -> str:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    return stat[stat.rfind(")") + 2 :].split()[19]  # field 22: start time in clock ticks since boot
 
 
 def terminate_process_group(proc: subprocess.Popen, grace: float) -> int:

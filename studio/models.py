@@ -52,11 +52,13 @@ class Run(models.Model):
     class Status(models.TextChoices):
         QUEUED = "queued"
         RUNNING = "running"
+        PAUSED = "paused"
         DONE = "done"
         FAILED = "failed"
         CANCELLED = "cancelled"
 
     ACTIVE = (Status.QUEUED, Status.RUNNING)
+    RESUMABLE = (Status.PAUSED, Status.FAILED, Status.CANCELLED)
 
     id = models.CharField(primary_key=True, max_length=64, default=new_run_id, editable=False)
     name = models.CharField(max_length=200, blank=True)
@@ -65,8 +67,17 @@ class Run(models.Model):
     directory = models.CharField(
         max_length=1024, blank=True, help_text="Absolute run directory; empty means NANOSTUDIO_RUNS_DIR/<id>."
     )
+    owner = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="runs",
+        help_text="Who launched it (empty for runs started with `runjob` without --user).",
+    )
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.QUEUED, db_index=True)
+    # Requests from the pages to the run's supervisor, which polls them:
+    # cancel = SIGTERM, grace, SIGKILL; kill = SIGKILL now; pause = SIGTERM and
+    # wait for the stage to save a checkpoint and exit (it resumes from there).
     cancel_requested = models.BooleanField(default=False)
+    kill_requested = models.BooleanField(default=False)
+    pause_requested = models.BooleanField(default=False)
     error = models.TextField(blank=True)
     created_at = models.DateTimeField(default=timezone.now, db_index=True)
     started_at = models.DateTimeField(null=True, blank=True)
@@ -75,8 +86,16 @@ class Run(models.Model):
     # whose supervisor died can be told apart from one that is still going.
     supervisor_pid = models.IntegerField(null=True, blank=True)
     supervisor_host = models.CharField(max_length=255, blank=True)
-    # Byte offset into events.jsonl up to which events are stored as RunEvent rows.
+    # boot id + pid + process start time: a pid reused after a reboot or by
+    # another process is not mistaken for the supervisor.
+    supervisor_token = models.CharField(max_length=128, blank=True)
+    # Byte offset into events.jsonl up to which events are stored as RunEvent
+    # rows, and the number of lines before it (= the last stored seq).
     events_offset = models.BigIntegerField(default=0)
+    events_seq = models.PositiveIntegerField(default=0)
+    # What the dashboard shows without reading events: the current stage's
+    # progress and min/last of the key metrics, updated as events are stored.
+    summary = models.JSONField(default=dict, blank=True)
 
     class Meta:
         ordering = ["-created_at"]
@@ -94,6 +113,38 @@ class Run(models.Model):
     @property
     def is_active(self) -> bool:
         return self.status in self.ACTIVE
+
+    @property
+    def is_resumable(self) -> bool:
+        return self.status in self.RESUMABLE
+
+    @property
+    def display_status(self) -> str:
+        """The status with the in-between states a person wants to see (pausing, stopping)."""
+        if self.status == self.Status.RUNNING:
+            if self.kill_requested or self.cancel_requested:
+                return "stopping"
+            if self.pause_requested:
+                return "pausing"
+        return self.status
+
+    @property
+    def current_stage(self):
+        stages = list(self.stages.all())  # prefetched on the dashboard
+        for stage in stages:
+            if stage.status in (StageRun.Status.RUNNING, StageRun.Status.PAUSED, StageRun.Status.FAILED):
+                return stage
+        queued = [s for s in stages if s.status == StageRun.Status.QUEUED]
+        return queued[0] if queued and self.is_active else None
+
+    @property
+    def progress(self) -> dict | None:
+        """{"stage", "step", "total", "fraction"} of the stage that reports steps, from the summary."""
+        return self.summary.get("progress")
+
+    def metric_summary(self, name: str) -> dict:
+        """{"last", "min", "max", "step"} of a key metric (loss, val_bpb, tok_per_sec, mfu) or {}."""
+        return self.summary.get("metrics", {}).get(name, {})
 
     @property
     def duration(self) -> float | None:
@@ -114,6 +165,7 @@ class StageRun(models.Model):
         FAILED = "failed"
         CANCELLED = "cancelled"
         SKIPPED = "skipped"
+        PAUSED = "paused"
 
     run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="stages")
     name = models.CharField(max_length=64)
@@ -121,6 +173,8 @@ class StageRun(models.Model):
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.QUEUED)
     argv = models.JSONField(default=list, blank=True, help_text="The command line, as run.")
     pid = models.IntegerField(null=True, blank=True, help_text="Process (and process group) id of the stage.")
+    note = models.CharField(max_length=255, blank=True, help_text="What it waits for, e.g. free GPUs.")
+    gpus = models.CharField(max_length=255, blank=True, help_text="CUDA_VISIBLE_DEVICES it ran with.")
     exit_code = models.IntegerField(null=True, blank=True)
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
@@ -155,13 +209,17 @@ class RunEvent(models.Model):
     seq = models.PositiveIntegerField()
     stage = models.CharField(max_length=64, blank=True)
     kind = models.CharField(max_length=32)
+    step = models.IntegerField(null=True, blank=True, help_text="The event's step, when it has one (for down-sampling).")
     time = models.FloatField(null=True, blank=True, help_text="Unix time written by the stage.")
     data = models.JSONField(help_text="The whole event as written.")
 
     class Meta:
         ordering = ["run", "seq"]
         constraints = [models.UniqueConstraint(fields=["run", "seq"], name="unique_event_seq_per_run")]
-        indexes = [models.Index(fields=["run", "kind", "seq"], name="runevent_run_kind_seq")]
+        indexes = [
+            models.Index(fields=["run", "kind", "seq"], name="runevent_run_kind_seq"),
+            models.Index(fields=["run", "kind", "stage", "step"], name="runevent_run_kind_stage_step"),
+        ]
 
     def __str__(self):
         return f"{self.run_id}#{self.seq} {self.stage}.{self.kind}"
@@ -170,3 +228,26 @@ class RunEvent(models.Model):
     def fields(self) -> dict:
         """The event's own values, without the envelope every event has."""
         return event_fields(self.data)
+
+
+class GpuLease(models.Model):
+    """One GPU of one host held by one running stage, so two runs never share a GPU.
+
+    Leases are rows with a unique (host, index): taking one is an INSERT that
+    only one process can win. A lease whose holder process is gone is stale
+    and may be taken over (see actions.lease_gpus).
+    """
+
+    host = models.CharField(max_length=255)
+    index = models.PositiveSmallIntegerField()
+    run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="gpu_leases")
+    stage = models.CharField(max_length=64)
+    holder_token = models.CharField(max_length=128, help_text="Supervisor identity (boot id:pid:start time).")
+    acquired_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["host", "index"]
+        constraints = [models.UniqueConstraint(fields=["host", "index"], name="unique_gpu_per_host")]
+
+    def __str__(self):
+        return f"{self.host}:gpu{self.index} -> {self.run_id}/{self.stage}"

@@ -1,6 +1,9 @@
-"""WebSocket routes (served by daphne through nanostudio/asgi.py).
+"""WebSocket routes (served by daphne through nanostudio/asgi.py)."""
 
-Live run monitoring and chat consumers register here; none yet.
-"""
+from django.urls import path
 
-websocket_urlpatterns: list = []
+from studio import consumers
+
+websocket_urlpatterns = [
+    path("ws/runs/<str:run_id>/", consumers.RunConsumer.as_asgi()),
+]

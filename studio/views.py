@@ -1,24 +1,31 @@
-"""Pages. Views read models and call studio.actions; they change nothing themselves."""
+"""Pages and JSON endpoints. Views read models and call studio.actions; they change nothing themselves.
+
+Every view needs a logged-in user (LoginRequiredMiddleware in settings).
+"""
 
 from __future__ import annotations
 
 from django.contrib import messages
 from django.core.paginator import Paginator
 from django.db.models import Count
+from django.http import FileResponse, Http404, JsonResponse
 from django.shortcuts import get_object_or_404, redirect, render
-from django.views.decorators.http import require_POST
+from django.urls import reverse
+from django.views.decorators.http import require_GET, require_POST
 
 from studio import actions
 from studio.forms import NewRunForm
+from studio.live import run_state
 from studio.models import Run
+from studio.render import markdown_html
 from trainer import config
 
 RUNS_PER_PAGE = 50
-LOG_TAIL_LINES = 40
+COMPARE_MAX_RUNS = 8
 
 
 def dashboard(request):
-    runs = Run.objects.prefetch_related("stages")
+    runs = Run.objects.prefetch_related("stages").select_related("owner")
     page = Paginator(runs, RUNS_PER_PAGE).get_page(request.GET.get("page"))
     counts = dict(Run.objects.values_list("status").annotate(n=Count("id")).order_by())
     return render(request, "studio/dashboard.html", {
@@ -28,14 +35,38 @@ def dashboard(request):
     })
 
 
+@require_GET
+def runs_json(request):
+    """State of the runs on one dashboard page (`?ids=a,b`), polled by dashboard.js."""
+    ids = [i for i in request.GET.get("ids", "").split(",") if i][:RUNS_PER_PAGE]
+    runs = Run.objects.filter(pk__in=ids).prefetch_related("stages")
+    return JsonResponse({"runs": [dashboard_row(run) for run in runs]})
+
+
+def dashboard_row(run: Run) -> dict:
+    stage = run.current_stage
+    return {**run_state(run), "current_stage": stage.name if stage else None, "metrics": run.summary.get("metrics", {})}
+
+
+def _hardware(request) -> str:
+    from trainer import estimate
+
+    value = request.GET.get("hardware") or request.POST.get("hardware") or estimate.default_hardware()
+    return value if value in estimate.HARDWARE else estimate.default_hardware()
+
+
 def new_run(request):
+    from trainer import estimate
+
     if request.method == "POST":
         form = NewRunForm(request.POST, preset=request.POST.get("preset", "tiny"))
         if form.is_valid():
             try:
-                run = actions.create_run(form.cleaned_data["preset"], form.overrides, name=form.cleaned_data["name"])
-            except config.ConfigError as e:  # same schema as the form: only a changed checkout gets here
-                form.add_error(None, str(e))
+                run = actions.create_run(form.cleaned_data["preset"], form.overrides, name=form.cleaned_data["name"],
+                                         owner=request.user)
+            except config.ConfigError as e:  # e.g. more GPUs asked for than the node has
+                for field, message in e.errors.items():
+                    form.add_error(field if field in form.fields else None, message)
             else:
                 actions.enqueue_run(run)
                 messages.success(request, f"Run {run.id} is queued. Start a worker with `python manage.py qcluster` if none is running.")
@@ -45,34 +76,127 @@ def new_run(request):
         if preset not in config.PRESETS:
             preset = "tiny"
         form = NewRunForm(preset=preset)
+    hardware = _hardware(request)
+    initial_estimate = None
+    if form.resolved or not form.is_bound:
+        cfg = form.resolved or config.resolve(form["preset"].value())
+        initial_estimate = estimate.estimate(cfg, hardware)
     return render(request, "studio/new_run.html", {
         "form": form,
         "presets": config.PRESETS,
         "preset": form["preset"].value(),
+        "hardware_choices": [(key, hw["label"]) for key, hw in estimate.HARDWARE.items()],
+        "hardware": hardware,
+        "estimate_url": reverse("studio:estimate"),
+        "initial_estimate": initial_estimate,
     })
+
+
+@require_GET
+def estimate_json(request):
+    """Parameters, FLOPs, time and cost of the form's configuration on the chosen hardware."""
+    from trainer import estimate
+
+    form = NewRunForm(request.GET, preset=request.GET.get("preset", "tiny"))
+    if not form.is_valid():
+        errors = {field: " ".join(str(m) for m in msgs) for field, msgs in form.errors.items()}
+        return JsonResponse({"ok": False, "errors": errors})
+    return JsonResponse({"ok": True, "estimate": estimate.estimate(form.resolved, _hardware(request))})
 
 
 def run_detail(request, run_id):
     run = get_object_or_404(Run, pk=run_id)
-    stages = list(run.stages.all())
+    state = run_state(run)
+    report_path = run.run_dir / "report.md"
     return render(request, "studio/run_detail.html", {
         "run": run,
-        "stages": stages,
-        "logs": [(stage, stage.log_tail(LOG_TAIL_LINES)) for stage in stages if stage.started_at],
-        "events": run.latest_events(limit=30),
+        "stages": list(run.stages.all()),
         "config_items": sorted((k, v) for k, v in run.config.items() if k != "description"),
+        "ws_url": f"/ws/runs/{run.id}/",
+        "report_html": markdown_html(report_path.read_text(encoding="utf-8", errors="replace")) if report_path.is_file() else "",
+        "report_url": reverse("studio:report_md", args=[run.id]),
+        "compare_url": reverse("studio:compare") + f"?runs={run.id}",
+        "initial_run_json": state,
+        "actions": state["actions"],
     })
+
+
+@require_GET
+def run_status_json(request, run_id):
+    return JsonResponse(run_state(get_object_or_404(Run, pk=run_id)))
+
+
+@require_GET
+def report_md(request, run_id):
+    run = get_object_or_404(Run, pk=run_id)
+    path = run.run_dir / "report.md"  # the path comes from the database, never from the request
+    if not path.is_file():
+        raise Http404("This run has no report yet: it is written when its first stage finishes.")
+    return FileResponse(open(path, "rb"), as_attachment=True, filename=f"report-{run.id}.md", content_type="text/markdown")
+
+
+def compare(request):
+    ids = list(dict.fromkeys(request.GET.getlist("runs")))[:COMPARE_MAX_RUNS]
+    found = {run.id: run for run in Run.objects.filter(pk__in=ids)}
+    runs = [found[i] for i in ids if i in found]
+    missing = [i for i in ids if i not in found]
+    if missing:
+        messages.warning(request, f"No such run: {', '.join(missing)}")
+    return render(request, "studio/compare.html", {
+        "runs": runs,
+        "ws_urls": [(run.id, f"/ws/runs/{run.id}/", run.name or run.id) for run in runs],
+        "all_runs": Run.objects.all()[:100],
+    })
+
+
+# --- actions (POST): redirect for forms, JSON for fetch() with Accept: application/json ---
+
+
+def _act(request, run_id, action, done_message):
+    run = get_object_or_404(Run, pk=run_id)
+    try:
+        result = action(run)
+    except actions.ActionError as e:
+        message, ok = str(e), False
+    else:
+        run = result if isinstance(result, Run) else None
+        message, ok = done_message(run) if run else done_message, True
+    if "application/json" in request.headers.get("Accept", ""):
+        return JsonResponse({"ok": ok, "message": message, "run": run_state(run) if run else None}, status=200 if ok else 409)
+    (messages.success if ok else messages.error)(request, message)
+    return redirect(run) if run else redirect("studio:dashboard")
+
+
+@require_POST
+def pause_run(request, run_id):
+    return _act(request, run_id, actions.pause_run, lambda run: (
+        f"Run {run.id} paused." if run.status == Run.Status.PAUSED else
+        f"Pausing run {run.id}: the running stage finishes its step, saves a checkpoint and exits."))
+
+
+@require_POST
+def resume_run(request, run_id):
+    return _act(request, run_id, actions.resume_run, lambda run: f"Run {run.id} is queued again; it continues from its first unfinished stage.")
+
+
+def _stop_message(run):
+    if run.status == Run.Status.CANCELLED:
+        return f"Run {run.id} cancelled."
+    if not run.is_active:
+        return f"Run {run.id} is already {run.status}."
+    return f"Stopping run {run.id}: its processes were asked to exit."
 
 
 @require_POST
 def cancel_run(request, run_id):
-    run = get_object_or_404(Run, pk=run_id)
-    if not run.is_active:
-        messages.info(request, f"Run {run.id} is already {run.status}.")
-    else:
-        run = actions.cancel_run(run)
-        if run.status == Run.Status.CANCELLED:
-            messages.success(request, f"Run {run.id} cancelled.")
-        else:
-            messages.success(request, f"Stopping run {run.id}: its processes were asked to exit.")
-    return redirect(run)
+    return _act(request, run_id, actions.cancel_run, _stop_message)
+
+
+@require_POST
+def kill_run(request, run_id):
+    return _act(request, run_id, actions.kill_run, _stop_message)
+
+
+@require_POST
+def delete_run(request, run_id):
+    return _act(request, run_id, actions.delete_run, f"Run {run_id} and its directory were deleted.")

@@ -27,6 +27,25 @@ def runs_dir(tmp_path, settings):
 
 
 @pytest.fixture
+def user(django_user_model):
+    return django_user_model.objects.create_user("ada", password="a long password for tests")
+
+
+@pytest.fixture
+def client(client, user):
+    """pytest-django's test client, logged in: every studio page needs a login."""
+    client.force_login(user)
+    return client
+
+
+@pytest.fixture
+def anon_client():
+    from django.test import Client
+
+    return Client()
+
+
+@pytest.fixture
 def manage_env(tmp_path):
     """Environment for `manage.py` / daphne subprocesses: own SQLite file, runs dir and secret key."""
     studio_settings = {"SECRET_KEY", "DEBUG", "ALLOWED_HOSTS", "CSRF_TRUSTED_ORIGINS", "REDIS_URL", "NANOSTUDIO_HTTPS",
@@ -94,6 +113,26 @@ elif mode in ("hang", "stubborn"):
         f.write(str(child.pid))
     events.metric(step=0, note="waiting")
     time.sleep(300)
+elif mode == "pausable":
+    # Like a training stage: steps until SIGTERM, then saves a checkpoint and exits 75;
+    # started again with --resume it continues from the checkpoint and finishes.
+    ckpt = os.path.join(run_dir, "checkpoints", stage)
+    if "--resume" in sys.argv:
+        steps = sorted(os.listdir(ckpt))
+        events.emit("resume", checkpoint=steps[-1])
+        events.end(status="done")
+        sys.exit(0)
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *a: stop.append(1))
+    step = 0
+    while not stop:
+        step += 1
+        events.metric(step=step, loss=5.0 / step)
+        time.sleep(0.05)
+    os.makedirs(os.path.join(ckpt, f"step_{step:06d}"))
+    open(os.path.join(ckpt, f"step_{step:06d}", "meta.json"), "w").write("{}")
+    events.emit("checkpoint", step=step)
+    sys.exit(75)
 elif mode == "sigterm-parent":
     os.kill(os.getppid(), signal.SIGTERM)  # as if someone stopped the supervisor
     time.sleep(300)
@@ -112,7 +151,7 @@ def fake_stages(monkeypatch, tmp_path, settings):
     def stage_commands(cfg, run_dir, python=None):
         return [
             config.StageCommand(name, [sys.executable, str(script), str(run_dir), name, modes.get(name, "ok")],
-                                env={"PYTHONPATH": str(REPO)})
+                                distributed=name in config.DISTRIBUTED_STAGES, env={"PYTHONPATH": str(REPO)})
             for name in cfg["stages"]
         ]
 

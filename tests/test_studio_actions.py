@@ -92,7 +92,7 @@ def test_execute_run_runs_stages_and_ingests_events_once(runs_dir, fake_stages):
     assert run.events_offset == (run.run_dir / "events.jsonl").stat().st_size
 
     # Reading the whole file again (a crash between insert and offset update) adds nothing.
-    run.events_offset = 0
+    run.events_offset = run.events_seq = 0
     again = actions.ingest_events(run)
     assert len(again) == 12 and RunEvent.objects.filter(run=run).count() == 12
 

@@ -22,7 +22,7 @@ def fetch(url: str):
 
 
 @pytest.mark.slow
-def test_daphne_serves_home_page_and_static_files(manage_env, free_port):
+def test_daphne_serves_login_page_static_files_and_plotly(manage_env, free_port):
     subprocess.run([sys.executable, "manage.py", "migrate", "--noinput"], cwd=REPO, env=manage_env,
                    check=True, capture_output=True, timeout=120)
     daphne = Path(sys.executable).with_name("daphne")
@@ -41,16 +41,18 @@ def test_daphne_serves_home_page_and_static_files(manage_env, free_port):
                 assert server.poll() is None, server.stdout.read().decode()
                 assert time.monotonic() < deadline, "daphne did not answer within 30 s"
                 time.sleep(0.2)
+        # Anonymous visitors land on the login page (urllib follows the redirect).
         html = body.decode()
-        assert status == 200 and "No runs yet" in html
+        assert status == 200 and 'name="password"' in html and "createsuperuser --noinput" in html
         assert headers["X-Frame-Options"] == "DENY" and headers["X-Content-Type-Options"] == "nosniff"
 
         status, headers, css = fetch(base + "/static/css/studio.css")
         assert status == 200 and headers["Content-Type"].startswith("text/css")
         assert css == (REPO / "static" / "css" / "studio.css").read_bytes()
 
-        status, _, body = fetch(base + "/runs/new/")
-        assert status == 200 and b'name="vocab_size"' in body
+        # plotly.js comes from the plotly package, served locally (no CDN).
+        status, headers, js = fetch(base + "/static/plotly/plotly.min.js")
+        assert status == 200 and len(js) > 1_000_000 and b"plotly" in js[:2000].lower()
         with pytest.raises(urllib.error.HTTPError) as missing:
             fetch(base + "/static/css/nope.css")
         assert missing.value.code == 404

@@ -107,10 +107,12 @@ def test_unknown_preset_in_a_submission_is_reported(client, runs_dir):
     assert Run.objects.count() == 0
 
 
-def test_submission_without_csrf_token_is_refused(runs_dir):
+def test_submission_without_csrf_token_is_refused(runs_dir, user):
     from django.test import Client
 
-    response = Client(enforce_csrf_checks=True).post(reverse("studio:new_run"), form_data())
+    client = Client(enforce_csrf_checks=True)
+    client.force_login(user)
+    response = client.post(reverse("studio:new_run"), form_data())
     assert response.status_code == 403 and Run.objects.count() == 0
 
 

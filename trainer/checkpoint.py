@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 from pathlib import Path
 
@@ -27,9 +26,8 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
-from trainer.events import write_json_atomic
+from trainer.events import complete_checkpoints, latest_checkpoint as latest, write_json_atomic  # noqa: F401 (re-exported)
 
-STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
 def stage_dir(run_dir: str | os.PathLike, stage: str) -> Path:
@@ -92,24 +90,6 @@ def save(root: str | os.PathLike, step: int, model, optimizer, loader_state: dic
         prune(root, keep_last)
     _barrier(ctx)
     return final
-
-
-def complete_checkpoints(root: str | os.PathLike) -> list[Path]:
-    """Finished checkpoints (renamed and with meta.json), oldest first."""
-    root = Path(root)
-    if not root.is_dir():
-        return []
-    found = []
-    for p in root.iterdir():
-        m = STEP_DIR.match(p.name)
-        if m and (p / "meta.json").is_file():
-            found.append((int(m.group(1)), p))
-    return [p for _, p in sorted(found)]
-
-
-def latest(root: str | os.PathLike) -> Path | None:
-    done = complete_checkpoints(root)
-    return done[-1] if done else None
 
 
 def prune(root: str | os.PathLike, keep_last: int):

@@ -52,6 +52,10 @@ STAGE_MODULES = {
 # Stages that run one process per GPU under torchrun; the rest are single-process.
 DISTRIBUTED_STAGES = {"base_train", "base_eval", "mid_train", "mid_eval", "sft_train", "sft_eval", "rl_train", "rl_eval"}
 
+# Stages that save checkpoints and accept --resume: a paused, failed or
+# interrupted run continues them from their latest checkpoint.
+RESUMABLE_STAGES = {"base_train", "mid_train", "sft_train", "rl_train"}
+
 DATA_SOURCES = ("fineweb-edu", "climbmix")
 
 
@@ -107,6 +111,14 @@ PRESETS: dict[str, dict] = {
         "nproc_per_node": 1, "target_param_data_ratio": 0.6, "data_shards": 5,
         "vocab_size": 4096, "tok_max_chars": 20_000_000, "tok_doc_cap": 10_000,
         "eval_every": 250, "eval_tokens": 131072, "sample_every": 1000, "save_every": 500,
+    },
+    # Seconds, for the studio's end-to-end browser test and a first look at the pages.
+    "smoke": {
+        "description": "Seconds-long CPU check of the whole pipeline: 1k-vocab tokenizer, depth-2 model, 60 steps.",
+        "depth": 2, "max_seq_len": 128, "device_batch_size": 4, "total_batch_size": 4 * 128,
+        "nproc_per_node": 1, "num_iterations": 60, "data_shards": 1,
+        "vocab_size": 1024, "tok_max_chars": 1_000_000, "tok_doc_cap": 5_000,
+        "eval_every": 20, "eval_tokens": 8192, "sample_every": 30, "save_every": 30,
     },
     # The reference "$100" run: depth 20 on 8xH100, ~4 hours.
     "speedrun": {

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import time
 from pathlib import Path
@@ -103,40 +104,78 @@ def read_events(run_dir_or_file: str | os.PathLike, offset: int = 0) -> tuple[li
 
     A torn last line (a writer killed mid-write, or a write in progress) is
     left for the next call: the returned offset stops before it. Each event
-    gets `seq`, its 1-based line number, computed from the lines before
-    `offset` only once per call.
+    gets `seq`, its 1-based line number, so the lines before `offset` are
+    counted; a follower that calls this every half second on a long run
+    should use tail_events, which carries the count along instead.
+    """
+    events, offset, _ = tail_events(run_dir_or_file, offset, None)
+    return events, offset
+
+
+def tail_events(run_dir_or_file: str | os.PathLike, offset: int = 0, lines_before: int | None = 0) -> tuple[list[dict], int, int]:
+    """Like read_events, given the number of lines before `offset`; returns (events, offset, lines).
+
+    `lines` is the number of lines before the returned offset: pass it back as
+    `lines_before` next time. lines_before=None counts them (reads the head).
     """
     path = Path(run_dir_or_file)
     if path.is_dir():
         path = path / EVENTS_FILE
     if not path.exists():
-        return [], offset
+        return [], offset, lines_before or 0
     with open(path, "rb") as f:
-        if offset:
+        if lines_before is None:
             # Sequence numbers are line numbers: count the lines we skip.
-            head = f.read(offset)
-            seq = head.count(b"\n")
+            lines_before = f.read(offset).count(b"\n") if offset else 0
         else:
-            seq = 0
+            f.seek(offset)
         data = f.read()
+    seq = lines_before
     end = data.rfind(b"\n")
     if end < 0:
-        return [], offset
+        return [], offset, seq
     events = []
-    for raw in data[: end + 1].splitlines():
+    for raw in data[: end + 1].split(b"\n")[:-1]:
         seq += 1
         if not raw.strip():
             continue
         try:
             event = json.loads(raw)
-        except json.JSONDecodeError:
+            if not isinstance(event, dict):
+                raise ValueError("not an object")
+        except ValueError:
             # A line torn by a kill and then followed by later writes: keep
             # the stream readable and say what happened instead of failing.
             event = {"kind": "corrupt", "raw": raw[:200].decode("utf-8", "replace")}
         event["seq"] = seq
         events.append(event)
-    return events, offset + end + 1
+    return events, offset + end + 1, seq
 
 
 def stage_log_path(run_dir: str | os.PathLike, stage: str) -> Path:
     return Path(run_dir) / "logs" / f"{stage}.log"
+
+
+CHECKPOINT_DIR = re.compile(r"^step_(\d+)$")
+
+
+def complete_checkpoints(root: str | os.PathLike) -> list[Path]:
+    """Finished checkpoints under checkpoints/<stage>/ (renamed, with meta.json), oldest first.
+
+    Lives here rather than in trainer/checkpoint.py so the studio can find a
+    stage's resume point without importing torch.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        m = CHECKPOINT_DIR.match(p.name)
+        if m and (p / "meta.json").is_file():
+            found.append((int(m.group(1)), p))
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(root: str | os.PathLike) -> Path | None:
+    done = complete_checkpoints(root)
+    return done[-1] if done else None

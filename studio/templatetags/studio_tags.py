@@ -26,3 +26,9 @@ def event_values(event):
         columns = list(dict.fromkeys(k for row in rows for k in row))
         shown_tables.append((key, columns, [[format_value(row.get(c, ""), 40) for c in columns] for row in rows]))
     return {"scalars": format_fields(scalars, 60), "tables": shown_tables, "lists": list(lists.items())}
+
+
+@register.filter
+def metric(run, name):
+    """{{ run|metric:"loss" }} -> {"last", "min", "max", ...} from the run's summary, or {}."""
+    return run.metric_summary(name)

@@ -1,11 +1,12 @@
 """Run a pipeline in the foreground, exactly as the studio's queue worker does.
 
     python manage.py runjob tiny
-    python manage.py runjob speedrun --set depth=12 --set nproc_per_node=1 --name "d12 on one GPU"
+    python manage.py runjob speedrun --set depth=12 --gpus 1 --name "d12 on one GPU"
+    python manage.py runjob --resume 20261124-101500-3fa9c1      # continue a paused/failed/cancelled run
 
 The run is recorded in the database and in runs/<id>/ like a run started from
 the web, so the dashboard shows it. Exit status: 0 done, 1 failed,
-2 invalid configuration, 130 interrupted (Ctrl-C, SIGTERM or SIGHUP: the
+2 invalid configuration, 75 paused (from the studio; --resume continues it), 130 interrupted (Ctrl-C, SIGTERM or SIGHUP: the
 running stage's processes are killed and the run is marked cancelled).
 """
 
@@ -32,35 +33,55 @@ class Command(BaseCommand):
     help = "Run a preset's pipeline stages in the foreground (the same code the web queue runs)."
 
     def add_arguments(self, parser):
-        parser.add_argument("preset", help=f"starting preset: {', '.join(config.PRESETS)}")
+        parser.add_argument("preset", nargs="?", help=f"starting preset: {', '.join(config.PRESETS)}")
         parser.add_argument(
             "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
             help="override a setting, e.g. --set depth=12 (repeatable; see `python -m trainer.config`)",
         )
+        parser.add_argument("--gpus", type=int, metavar="N", help="GPUs per node (same as --set nproc_per_node=N)")
+        parser.add_argument("--resume", metavar="RUN_ID", help="continue a paused, failed or cancelled run instead of starting one")
+        parser.add_argument("--user", help="record this studio user as the run's owner")
         parser.add_argument("--name", default="", help="a name to tell the run apart on the dashboard")
         parser.add_argument("--runs-dir", help="folder for the run directory (default: NANOSTUDIO_RUNS_DIR)")
         parser.add_argument("--quiet", action="store_true", help="print only the summary")
 
-    def handle(self, *args, preset, overrides, name, runs_dir, quiet, **options):
+    def handle(self, *args, preset, overrides, name, runs_dir, quiet, gpus, resume, user, **options):
         self.quiet = quiet
+        if (preset is None) == (resume is None):
+            raise CommandError("give a preset to start a run, or --resume RUN_ID to continue one", returncode=2)
+        if gpus is not None:
+            if gpus < 1:
+                raise CommandError("--gpus must be at least 1", returncode=2)
+            overrides = [*overrides, f"nproc_per_node={gpus}"]
         studio_log = logging.getLogger("studio")
         level = studio_log.level
         if options["verbosity"] < 2:
             # The progress lines say what the studio's INFO log lines would.
             studio_log.setLevel(logging.WARNING)
         try:
-            self._run(preset, overrides, name, runs_dir)
+            self._run(preset, overrides, name, runs_dir, resume, user)
         finally:
             studio_log.setLevel(level)
 
-    def _run(self, preset, overrides, name, runs_dir):
+    def _run(self, preset, overrides, name, runs_dir, resume, user):
         self._migrate_if_needed()
         actions.reap_orphaned_runs()
-        try:
-            run = actions.create_run(preset, config.parse_overrides(overrides), name=name, runs_dir=runs_dir)
-        except config.ConfigError as e:
-            self._explain(preset, e)
-            raise CommandError("invalid configuration; nothing was run", returncode=2) from None
+        owner = self._user(user) if user else None
+        if resume:
+            run = Run.objects.filter(pk=resume).first()
+            if run is None:
+                raise CommandError(f"no run {resume!r}; `python manage.py shell -c \"from studio.models import Run; "
+                                   f"print(*Run.objects.values_list('id', 'status'))\"` lists them", returncode=2)
+            try:
+                run = actions.resume_run(run, enqueue=False)
+            except actions.ActionError as e:
+                raise CommandError(str(e), returncode=2) from None
+        else:
+            try:
+                run = actions.create_run(preset, config.parse_overrides(overrides), name=name, runs_dir=runs_dir, owner=owner)
+            except config.ConfigError as e:
+                self._explain(preset, e)
+                raise CommandError("invalid configuration; nothing was run", returncode=2) from None
 
         self._say(f"run {run.id} ({run.preset}) in {run.run_dir}")
         self._last_metric: dict[str, float] = {}
@@ -79,6 +100,8 @@ class Command(BaseCommand):
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
         self._summary(run)
+        if run.status == Run.Status.PAUSED:
+            raise CommandError(f"run {run.id} paused; continue it with `python manage.py runjob --resume {run.id}`", returncode=75)
         if run.status != Run.Status.DONE:
             if run.error:
                 self.stderr.write(run.error)
@@ -148,6 +171,14 @@ class Command(BaseCommand):
             self.stderr.write(self.style.ERROR(f"  {field}: {message}"))
             if field in config.FIELD_BY_NAME:
                 self.stderr.write(f"      {config.FIELD_BY_NAME[field].help}")
+
+    def _user(self, username: str):
+        from django.contrib.auth import get_user_model
+
+        try:
+            return get_user_model().objects.get_by_natural_key(username)
+        except get_user_model().DoesNotExist:
+            raise CommandError(f"no studio user {username!r}; create one with `python manage.py createsuperuser`", returncode=2) from None
 
     def _migrate_if_needed(self) -> None:
         # The quick start is "setup, then runjob tiny": a fresh database must not trip it.
