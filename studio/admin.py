@@ -1,6 +1,6 @@
 from django.contrib import admin
 
-from studio.models import Run, RunEvent, StageRun
+from studio.models import GpuLease, Run, RunEvent, StageRun
 
 
 class StageRunInline(admin.TabularInline):
@@ -33,4 +33,11 @@ class RunEventAdmin(admin.ModelAdmin):
     list_display = ["run", "seq", "stage", "kind", "time"]
     list_filter = ["kind", "stage"]
     search_fields = ["run__id"]
+    list_select_related = ["run"]
+
+
+@admin.register(GpuLease)
+class GpuLeaseAdmin(admin.ModelAdmin):
+    list_display = ["host", "index", "run", "stage", "acquired_at"]
+    list_filter = ["host"]
     list_select_related = ["run"]

@@ -80,3 +80,15 @@ def test_single_process_stages_need_no_launcher(monkeypatch):
     cfg = config.resolve("speedrun", {"stages": "base_train"})
     (cmd,) = config.stage_commands(cfg, "runs/x")
     assert "torch.distributed.run" in cmd.argv and "--nproc_per_node=8" in cmd.argv
+
+
+def test_data_dir_must_be_an_existing_absolute_folder(tmp_path):
+    from trainer import config
+
+    with pytest.raises(config.ConfigError) as e:
+        config.resolve("tiny", {"data_dir": "relative/shards"})
+    assert "absolute folder path" in e.value.errors["data_dir"]
+    with pytest.raises(config.ConfigError) as e:
+        config.resolve("tiny", {"data_dir": str(tmp_path / "missing")})
+    assert "no such folder" in e.value.errors["data_dir"] and "trainer.data prepare" in e.value.errors["data_dir"]
+    assert config.resolve("tiny", {"data_dir": str(tmp_path)})["data_dir"] == str(tmp_path)

@@ -258,6 +258,15 @@ def validate(cfg: dict) -> dict:
             )
     if clean.get("nnodes", 1) > 1 and not re.fullmatch(r"[\w.\-\[\]:]+:\d+", clean.get("rdzv_endpoint", "")):
         errors["rdzv_endpoint"] = "multi-node runs need HOST:PORT of the first node (reachable from every node), e.g. 10.0.0.1:29500"
+    data_dir = clean.get("data_dir", "")
+    if data_dir and "data_dir" not in errors:
+        # The one path a person types in: it must name an existing folder of
+        # prepared shards (python -m trainer.data prepare), given absolutely so
+        # it means the same on every node and from every working directory.
+        if "\x00" in data_dir or not Path(data_dir).is_absolute():
+            errors["data_dir"] = f"give an absolute folder path, e.g. /data/my-corpus (got {data_dir!r})"
+        elif not Path(data_dir).is_dir():
+            errors["data_dir"] = f"no such folder {data_dir}; prepare one with `python -m trainer.data prepare --out {data_dir} ...`"
     if errors:
         raise ConfigError(errors)
     return clean
