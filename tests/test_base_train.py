@@ -184,3 +184,14 @@ def test_bad_flags_and_missing_inputs(new_run, tmp_path):
     assert proc.returncode == 1 and "shard_00000.parquet" in proc.stderr
     proc = train(new_run("c"), "--total-batch-size", "256", "--num-iterations", "2", "--resume", check=False)
     assert proc.returncode == 1 and "no checkpoint" in proc.stderr
+
+
+def test_checkpoint_rng_state_round_trips():
+    import torch
+
+    from trainer import checkpoint
+
+    state = checkpoint.rng_state()
+    first = torch.rand(4)
+    checkpoint.set_rng_state(json.loads(json.dumps(state)))  # as stored in meta.json
+    assert torch.equal(torch.rand(4), first)

@@ -177,6 +177,7 @@ def train(args, ctx, events: EventWriter, stop: dict) -> int:
             raise RuntimeError(f"--resume: the checkpoint's model {meta['model_config']} differs from the flags' {config.to_dict()}")
         step = meta["step"]
         loop.update(meta.get("loop", {}))
+        checkpoint.set_rng_state(meta.get("rng"))
         events.emit("resume", step=step, checkpoint=str(path))
 
     events.emit("setup", model_config=config.to_dict(), params=model.num_params(), scaling_params=model.num_scaling_params(),
@@ -208,7 +209,8 @@ def train(args, ctx, events: EventWriter, stop: dict) -> int:
         return s == num_iterations or (every > 0 and s % every == 0)
 
     def save(s: int):
-        meta = {"model_config": config.to_dict(), "args": vars(args), "loop": loop, "num_iterations": num_iterations}
+        meta = {"model_config": config.to_dict(), "args": vars(args), "loop": loop, "num_iterations": num_iterations,
+                "rng": checkpoint.rng_state()}
         loader_state = {"streams": [ld.state_dict() for ld in loaders]}
         path = checkpoint.save(ckpt_root, s, model, optimizer, loader_state, meta, ctx, keep_last=args.keep_last)
         events.emit("checkpoint", step=s, path=str(path))

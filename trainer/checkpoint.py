@@ -102,6 +102,27 @@ def prune(root: str | os.PathLike, keep_last: int):
         shutil.rmtree(p, ignore_errors=True)
 
 
+def rng_state() -> dict:
+    """This process's random generators (CPU and, if used, CUDA), as JSON-friendly lists.
+
+    Pretraining draws no random numbers after initialisation today (no
+    dropout, greedy samples), but a stage that does (sampling in RL, say)
+    must continue the same stream after a pause.
+    """
+    state = {"torch": torch.get_rng_state().tolist()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state().tolist()
+    return state
+
+
+def set_rng_state(state: dict | None) -> None:
+    if not state:
+        return
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))
+
+
 def read_meta(path: str | os.PathLike) -> dict:
     return json.loads((Path(path) / "meta.json").read_text())
 
