@@ -85,7 +85,7 @@ def new_run(request):
         "form": form,
         "presets": config.PRESETS,
         "preset": form["preset"].value(),
-        "hardware_choices": [(key, hw["label"]) for key, hw in estimate.HARDWARE.items()],
+        "hardware_choices": estimate.hardware_choices(),
         "hardware": hardware,
         "estimate_url": reverse("studio:estimate"),
         "initial_estimate": initial_estimate,

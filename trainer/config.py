@@ -258,6 +258,8 @@ def validate(cfg: dict) -> dict:
             )
     if clean.get("nnodes", 1) > 1 and not re.fullmatch(r"[\w.\-\[\]:]+:\d+", clean.get("rdzv_endpoint", "")):
         errors["rdzv_endpoint"] = "multi-node runs need HOST:PORT of the first node (reachable from every node), e.g. 10.0.0.1:29500"
+    if clean.get("num_iterations") == 0:
+        errors["num_iterations"] = "0 steps would train nothing; give a number of steps, or -1 to derive them from target_param_data_ratio"
     data_dir = clean.get("data_dir", "")
     if data_dir and "data_dir" not in errors:
         # The one path a person types in: it must name an existing folder of
