@@ -259,3 +259,28 @@ def test_ingest_keeps_the_summary_and_sequence_numbers_in_step(runs_dir, fake_st
     assert run.events_seq == run.events.count()
     assert run.summary["metrics"]["loss"]["min"] == 1.0
     assert run.summary["progress"]["stage"] == "base_train"
+
+
+@pytest.mark.slow
+def test_pausing_real_pretraining_and_resuming_continues_at_the_next_step(runs_dir, monkeypatch):
+    """The real stages (smoke preset): Pause mid-pretraining, then Resume from the saved checkpoint."""
+    from tests.helpers import mirror
+
+    monkeypatch.setenv("NANOSTUDIO_DATA_MIRROR", str(mirror()))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    run = actions.create_run("smoke", {"stages": "tok_train,base_train", "save_every": "1000", "eval_every": "0",
+                                       "sample_every": "0"})
+    on_event, paused = stop_on_first_metric(run, actions.pause_run)
+    run = actions.execute_run(run, on_event=on_event)
+    assert run.status == Run.Status.PAUSED, run.error
+    saved = run.events.filter(kind="checkpoint", stage="base_train").get()
+    paused_at = saved.data["step"]
+    assert 3 <= paused_at < 60  # saved where it stopped, not at a periodic checkpoint
+
+    run = actions.execute_run(actions.resume_run(run, enqueue=False))
+    assert run.status == Run.Status.DONE, run.error
+    assert run.events.get(kind="resume").data["step"] == paused_at
+    steps = list(run.events.filter(kind="metric", stage="base_train").order_by("seq").values_list("step", flat=True))
+    assert steps == list(range(1, 61))  # one continuous curve: no step repeated, none missing
+    assert run.events.filter(kind="result", stage="base_train").order_by("-seq").first().data["step"] == 60
+    assert (run.run_dir / "report.md").is_file() and "| Metric | BASE | MID | SFT | RL |" in (run.run_dir / "report.md").read_text()

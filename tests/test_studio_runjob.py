@@ -130,3 +130,40 @@ def test_runjob_tiny_end_to_end(manage_env):
     assert status == "done"
     assert stages == [("tok_train", "done", 0), ("tok_eval", "done", 0), ("base_train", "done", 0)]
     assert {"stage_start", "stage_end", "eval", "metric", "sample", "checkpoint"} <= kinds
+
+
+def test_runjob_gpus_sets_the_processes_per_node(runs_dir, fake_stages):
+    code, _, err = runjob("tiny", "--gpus", "2", "--set", "total_batch_size=4096", "--set", "stages=tok_train")
+    assert code == 0, err
+    assert Run.objects.get().config["nproc_per_node"] == 2
+    code, _, err = runjob("tiny", "--gpus", "0")
+    assert code == 2 and "--gpus must be at least 1" in err
+
+
+def test_runjob_resume_continues_a_failed_run_from_its_failed_stage(runs_dir, fake_stages):
+    fake_stages["tok_eval"] = "fail"
+    code, _, _ = runjob("tiny", "--set", "stages=tok_train,tok_eval")
+    run = Run.objects.get()
+    assert code == 1 and run.status == "failed"
+    fake_stages["tok_eval"] = "ok"
+    code, out, err = runjob("--resume", run.id)
+    assert code == 0, err
+    run.refresh_from_db()
+    assert run.status == "done" and "[tok_train] started" not in out and "[tok_eval] done in" in out
+    code, _, err = runjob("--resume", run.id)
+    assert code == 2 and "only a paused, failed or cancelled run can be resumed" in err
+    code, _, err = runjob("--resume", "no-such-run")
+    assert code == 2 and "no run 'no-such-run'" in err
+
+
+def test_runjob_needs_a_preset_or_resume(runs_dir):
+    code, _, err = runjob()
+    assert code == 2 and "give a preset" in err
+
+
+def test_runjob_user_records_the_owner(runs_dir, fake_stages, user):
+    code, _, err = runjob("tiny", "--set", "stages=tok_train", "--user", "ada")
+    assert code == 0, err
+    assert Run.objects.get().owner == user
+    code, _, err = runjob("tiny", "--user", "nobody")
+    assert code == 2 and "no studio user 'nobody'" in err
