@@ -284,3 +284,16 @@ def test_pausing_real_pretraining_and_resuming_continues_at_the_next_step(runs_d
     assert steps == list(range(1, 61))  # one continuous curve: no step repeated, none missing
     assert run.events.filter(kind="result", stage="base_train").order_by("-seq").first().data["step"] == 60
     assert (run.run_dir / "report.md").is_file() and "| Metric | BASE | MID | SFT | RL |" in (run.run_dir / "report.md").read_text()
+
+
+def test_a_starting_queue_worker_marks_interrupted_runs(runs_dir):
+    from django_q.signals import post_spawn
+
+    run = actions.create_run("tiny", TOK_AND_BASE)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    Run.objects.filter(pk=run.pk).update(status=Run.Status.RUNNING, supervisor_pid=dead.pid,
+                                         supervisor_host=socket.gethostname())
+    post_spawn.send(sender="django_q", proc_name="Process-1")  # what qcluster sends as each worker starts
+    run.refresh_from_db()
+    assert run.status == Run.Status.FAILED and "interrupted" in run.error
