@@ -22,6 +22,7 @@ from trainer import config
 
 RUNS_PER_PAGE = 50
 COMPARE_MAX_RUNS = 8
+LOG_TAIL_LINES = 40
 
 
 def dashboard(request):
@@ -106,11 +107,14 @@ def estimate_json(request):
 
 def run_detail(request, run_id):
     run = get_object_or_404(Run, pk=run_id)
+    stages = list(run.stages.all())
     state = run_state(run)
     report_path = run.run_dir / "report.md"
     return render(request, "studio/run_detail.html", {
         "run": run,
-        "stages": list(run.stages.all()),
+        "stages": stages,
+        # Rendered before the page's WebSocket connects (it then streams the running stage's log).
+        "logs": [(stage, stage.log_tail(LOG_TAIL_LINES)) for stage in stages if stage.started_at],
         "config_items": sorted((k, v) for k, v in run.config.items() if k != "description"),
         "ws_url": f"/ws/runs/{run.id}/",
         "report_html": markdown_html(report_path.read_text(encoding="utf-8", errors="replace")) if report_path.is_file() else "",

@@ -124,11 +124,12 @@ def test_run_detail_shows_stages_metrics_config_and_logs(client, runs_dir, fake_
     html = page.content.decode()
     assert "detail" in html and 'class="badge status-failed"' in html
     assert "What went wrong" in html and "stage tok_eval failed (exit code 3)" in html
-    assert "step=2 loss=1" in html  # a metric row
+    assert f'data-ws-url="/ws/runs/{run.id}/"' in html and 'id="run-initial"' in html  # the live part takes over from here
     assert "<code>vocab_size</code>" in html and "4096" in html
     assert "log line 29" in html and "logs/tok_train.log" in html
     assert "fake_stage.py" in html  # the command, to run it by hand
-    assert "Cancel run" not in html and 'http-equiv="refresh"' not in html
+    assert 'http-equiv="refresh"' not in html
+    assert reverse("studio:cancel_run", args=[run.id]) not in html and reverse("studio:resume_run", args=[run.id]) in html
 
 
 def test_unknown_run_is_404(client):
