@@ -4,22 +4,7 @@ from __future__ import annotations
 
 import json
 
-
-def format_duration(seconds: float | None) -> str:
-    """0.4 s, 12.3 s, 4 m 05 s, 3 h 07 m, 2 d 04 h."""
-    if seconds is None:
-        return ""
-    seconds = max(0.0, float(seconds))
-    if seconds < 60:
-        return f"{seconds:.1f} s"
-    minutes, secs = divmod(int(round(seconds)), 60)
-    if minutes < 60:
-        return f"{minutes} m {secs:02d} s"
-    hours, minutes = divmod(minutes, 60)
-    if hours < 48:
-        return f"{hours} h {minutes:02d} m"
-    days, hours = divmod(hours, 24)
-    return f"{days} d {hours:02d} h"
+from trainer.report import format_duration  # noqa: F401 (one formatter for the pages, runjob and the report)
 
 
 def format_value(value, width: int = 40) -> str:

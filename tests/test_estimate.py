@@ -163,9 +163,9 @@ def test_estimate_is_plain_json():
     (estimate._count, 1.234e9, "1.23 B"),
     (estimate._count, 560_988_160, "561 M"),
     (estimate._flops, 4.5e18, "4.5e18"),
-    (estimate._duration, 3 * 3600 + 5 * 60, "3 h 05 m"),
-    (estimate._duration, 750, "12 m 30 s"),
-    (estimate._duration, 5 * 86400 + 3 * 3600, "5 d 03 h"),
+    (estimate.format_duration, 3 * 3600 + 5 * 60, "3 h 05 m"),
+    (estimate.format_duration, 750, "12 m 30 s"),
+    (estimate.format_duration, 5 * 86400 + 3 * 3600, "5 d 03 h"),
     (estimate._usd, 96, "$96.00"),
     (estimate._usd, 1234.5, "$1,234.50"),
 ])

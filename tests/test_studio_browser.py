@@ -114,6 +114,11 @@ def test_run_page_follows_a_smoke_run_live_across_a_reload(manage_env, tmp_path)
                      if e["kind"] == "metric" and e["stage"] == "base_train" and "step" in e]
             # Live events plus one reload must add up to every training step exactly once.
             assert len(final) == len(steps), f"the chart has {len(final)} points, the run {len(steps)} steps"
+
+            # The compare page draws the same run from its own socket.
+            page.goto(studio.url(f"/compare/?runs={run_id}"))
+            assert wait_for_points(page, len(steps), timeout_s=30) == final
+            assert [m for m in console if m.startswith("pageerror")] == []
         except BaseException:
             save_evidence(page, console, tmp_path)
             raise

@@ -30,6 +30,7 @@ import sys
 from types import SimpleNamespace
 
 from trainer import config
+from trainer.report import format_duration
 
 # ---------------------------------------------------------------------------
 # Hardware
@@ -466,25 +467,11 @@ def _flops(x: float) -> str:
     return f"{mantissa}e{int(exponent)}"
 
 
-def _duration(seconds: float) -> str:
-    """45 s, 12 m 30 s, 3 h 05 m, 4 d 03 h."""
-    s = round(seconds)
-    if s < 60:
-        return f"{s} s"
-    if s < 3600:
-        return f"{s // 60} m {s % 60:02d} s"
-    if s < 100 * 3600:
-        m = round(seconds / 60)
-        return f"{m // 60} h {m % 60:02d} m"
-    h = round(seconds / 3600)
-    return f"{h // 24} d {h % 24:02d} h"
-
-
 def _short_duration(seconds: float) -> str:
     """514 ms, 1.05 s, then as _duration."""
     if seconds < 1:
         return f"{seconds * 1000:.0f} ms"
-    return f"{seconds:.2f} s" if seconds < 60 else _duration(seconds)
+    return f"{seconds:.2f} s" if seconds < 60 else format_duration(seconds)
 
 
 def _usd(x: float) -> str:
@@ -510,12 +497,12 @@ def display(est: dict) -> dict:
         "hardware": f"{est['devices']} x {est['hardware_label']}",
         "step_seconds": _short_duration(est["step_seconds"]),
         "tokens_per_second": f"{_count(est['tokens_per_second'])}/s",
-        "pretrain_seconds": _duration(est["pretrain_seconds"]),
-        "total_seconds": _duration(est["total_seconds"]),
+        "pretrain_seconds": format_duration(est["pretrain_seconds"]),
+        "total_seconds": format_duration(est["total_seconds"]),
         "device_hours": f"{est['device_hours']:,.1f}",
         "cost_usd": _usd(est["cost_usd"]),
         "memory_per_device": mem,
-        "stages": [{"stage": s["stage"], "time": _duration(s["seconds"]), "basis": s["basis"]} for s in est["stages"]],
+        "stages": [{"stage": s["stage"], "time": format_duration(s["seconds"]), "basis": s["basis"]} for s in est["stages"]],
         "assumptions": (f"{est['mfu']:.0%} MFU of {_flops(est['peak_flops_per_device'])} FLOP/s per device, "
                         f"{_usd(est['usd_per_device_hour'])} per device-hour"),
     }

@@ -305,9 +305,10 @@ def fmt_value(value) -> str:
     return md_code(json.dumps(value, separators=(",", ":"), default=str), limit=200)
 
 
-def fmt_duration(seconds: float | None) -> str:
+def format_duration(seconds: float | None) -> str:
+    """0.4 s, 12.3 s, 4 m 05 s, 3 h 07 m, 2 d 04 h ("" for None). Used by the report, the pages and the estimate."""
     if seconds is None:
-        return MISSING
+        return ""
     seconds = max(0.0, float(seconds))
     if seconds < 60:
         return f"{seconds:.1f} s"
@@ -315,7 +316,14 @@ def fmt_duration(seconds: float | None) -> str:
     if minutes < 60:
         return f"{minutes} m {secs:02d} s"
     hours, minutes = divmod(minutes, 60)
-    return f"{hours} h {minutes:02d} m"
+    if hours < 48:
+        return f"{hours} h {minutes:02d} m"
+    days, hours = divmod(hours, 24)
+    return f"{days} d {hours:02d} h"
+
+
+def fmt_duration(seconds: float | None) -> str:
+    return format_duration(seconds) or MISSING
 
 
 def table(headers: list[str], rows: list[list[str]]) -> list[str]:

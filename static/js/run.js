@@ -30,29 +30,7 @@
 
   const $ = (id) => document.getElementById(id);
 
-  function el(tag, attrs, ...children) {
-    const node = document.createElement(tag);
-    for (const [k, v] of Object.entries(attrs || {})) {
-      if (k === "text") node.textContent = v;
-      else if (k === "className") node.className = v;
-      else node.setAttribute(k, v);
-    }
-    for (const child of children) if (child !== null && child !== undefined) node.append(child);
-    return node;
-  }
-
-  /** json_script data; tolerates a view that passed an already-encoded JSON string. */
-  function readJson(id) {
-    const node = $(id);
-    if (!node) return null;
-    try {
-      let value = JSON.parse(node.textContent);
-      if (typeof value === "string") value = JSON.parse(value);
-      return value;
-    } catch (err) {
-      return null;
-    }
-  }
+  const { el, readJson } = window.NanoDom;
 
   function badge(status, id) {
     const span = el("span", {className: `badge status-${status}`, text: status});
