@@ -9,6 +9,7 @@ described in consumers.py.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -25,6 +26,9 @@ SNAPSHOT_MAX_METRICS = 4000  # metric points per stage in a snapshot, at most (a
 SNAPSHOT_FULL_TAIL = 500  # the most recent metric points always come at full rate
 MAX_REPLAY = 20000  # a reconnect missing more than this gets a fresh snapshot instead
 EVENTS_PER_MESSAGE = 2000
+# daphne (autobahn) refuses to send a WebSocket message over 1 MiB: a long
+# history goes out as a snapshot followed by `events` messages of about this size.
+MESSAGE_BYTES = 256 * 1024
 LOG_LINES = 200  # log lines sent when a page connects or the running stage changes
 LOG_CHUNK = 64 * 1024  # most bytes of new log read per poll
 
@@ -106,6 +110,21 @@ def snapshot_events(run: Run) -> tuple[list[dict], dict]:
     return [event_dict(r) for r in rows], {"metric_stride": stride_used, "metric_total": total}
 
 
+def chunked(events: list[dict], budget: int | None = None):
+    """Consecutive runs of events whose JSON stays around `budget` bytes (at least one event each)."""
+    budget = budget or MESSAGE_BYTES
+    chunk, size = [], 0
+    for event in events:
+        n = len(json.dumps(event, separators=(",", ":")))
+        if chunk and size + n > budget:
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(event)
+        size += n
+    if chunk:
+        yield chunk
+
+
 @dataclass
 class Follower:
     """One page's view of one run: what it has been sent so far."""
@@ -131,18 +150,22 @@ class Follower:
                 self.last_seq = after
                 self.run_json = None  # always send the state after a replay
                 return self.poll(run)
-        return [self.snapshot(run)]
+        return self.snapshot(run)
 
-    def snapshot(self, run: Run) -> dict:
+    def snapshot(self, run: Run) -> list[dict]:
+        """A snapshot message, then `events` messages with the rest of a history too long for one."""
         events, sampling = snapshot_events(run)
+        chunks = list(chunked(events)) or [[]]
         self.last_seq = events[-1]["seq"] if events else 0
         self.run_json = run_state(run)
         log = self._log_reset(run)
-        return {
-            "type": "snapshot", "run": self.run_json, "events": events, "last_seq": self.last_seq,
+        first = {
+            "type": "snapshot", "run": self.run_json, "events": chunks[0],
+            "last_seq": chunks[0][-1]["seq"] if chunks[0] else 0,
             "downsampled": sampling, "log": {"stage": log["stage"], "lines": log["lines"]},
             "report_html": self._report(run, force=True) or "",
         }
+        return [first] + [{"type": "events", "events": c, "last_seq": c[-1]["seq"]} for c in chunks[1:]]
 
     def poll(self, run: Run | None = None) -> list[dict]:
         """Messages for whatever changed since the last call."""
@@ -151,7 +174,7 @@ class Follower:
         rows = list(run.events.filter(seq__gt=self.last_seq).order_by("seq")[:EVENTS_PER_MESSAGE])
         if rows:
             self.last_seq = rows[-1].seq
-            out.append({"type": "events", "events": [event_dict(r) for r in rows], "last_seq": self.last_seq})
+            out += [{"type": "events", "events": c, "last_seq": c[-1]["seq"]} for c in chunked([event_dict(r) for r in rows])]
         state = run_state(run)
         if state != self.run_json:
             self.run_json = state

@@ -213,3 +213,27 @@ def test_snapshot_events_are_json_serialisable_even_with_nan(run):
     actions.ingest_events(run)
     snapshot, _ = live.snapshot_events(run)
     json.dumps(snapshot, allow_nan=False)
+
+
+def test_a_history_too_long_for_one_message_follows_the_snapshot_in_pieces(run, user, monkeypatch):
+    # daphne refuses to send a message over 1 MiB; here the budget is 2 kB to see the split.
+    monkeypatch.setattr(live, "MESSAGE_BYTES", 2000)
+    write_steps(run, 1, 100)
+
+    async def scenario():
+        comm = communicator(run.id, user)
+        await comm.connect()
+        await comm.send_json_to({"type": "hello", "after": None})
+        snap = await receive(comm, "snapshot")
+        seqs = [e["seq"] for e in snap["events"]]
+        assert snap["last_seq"] == seqs[-1] < 100
+        pieces = 0
+        while seqs[-1] < 100:
+            message = await receive(comm, "events")
+            assert len(json.dumps(message["events"])) < 2000 + 200
+            seqs += [e["seq"] for e in message["events"]]
+            pieces += 1
+        assert seqs == list(range(1, 101)) and pieces > 3
+        await comm.disconnect()
+
+    async_to_sync(scenario)()
