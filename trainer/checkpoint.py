@@ -154,3 +154,37 @@ def load(path: str | os.PathLike, model, optimizer, ctx=None, device="cpu") -> t
     loader_file = path / f"loader_rank{rank}.json"
     loader_state = json.loads(loader_file.read_text()) if loader_file.exists() else None
     return meta, loader_state
+
+
+# Stages whose checkpoints hold a model, most advanced first: what a chat should load by default.
+MODEL_STAGES = ["rl_train", "sft_train", "mid_train", "base_train"]
+
+
+def find(run_dir: str | os.PathLike, stage: str | None = None, step: int | None = None) -> Path:
+    """The checkpoint folder to load: the given stage and step, or the latest of the most advanced stage.
+
+    Raises FileNotFoundError naming what exists, so a person can pick another.
+    """
+    run_dir = Path(run_dir)
+    stages = [stage] if stage else MODEL_STAGES
+    for name in stages:
+        done = complete_checkpoints(stage_dir(run_dir, name))
+        if step is not None:
+            done = [p for p in done if read_meta(p).get("step") == step]
+        if done:
+            return done[-1]
+    available = {name: [read_meta(p).get("step") for p in complete_checkpoints(stage_dir(run_dir, name))] for name in MODEL_STAGES}
+    available = {k: v for k, v in available.items() if v}
+    wanted = f"stage {stage or 'any'}" + (f", step {step}" if step is not None else "")
+    raise FileNotFoundError(f"no checkpoint for {wanted} in {run_dir}; available: {available or 'none (train a model first)'}")
+
+
+def load_for_inference(path: str | os.PathLike, device="cpu"):
+    """(model in eval mode, meta) from a checkpoint folder, on `device`."""
+    from trainer.model import GPTConfig, build_model
+
+    meta = read_meta(path)
+    model = build_model(GPTConfig.from_dict(meta["model_config"]), device)
+    load_model(path, model, device=device)
+    model.eval()
+    return model, meta
