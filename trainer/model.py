@@ -149,18 +149,25 @@ def window_mask(T: int, window: int, device) -> torch.Tensor:
     return mask
 
 
+def cached_window_mask(pos: int, T: int, start: int, window: int, device) -> torch.Tensor:
+    """(T, pos+T-start) bool for T queries at positions pos.. over cached keys at positions start..pos+T-1."""
+    d = torch.arange(pos, pos + T, device=device)[:, None] - torch.arange(start, pos + T, device=device)[None, :]
+    return (d >= 0) & (d < window)
+
+
 class CausalSelfAttention(nn.Module):
-    def __init__(self, config: GPTConfig, window: int):
+    def __init__(self, config: GPTConfig, window: int, layer_idx: int = 0):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
         self.window = window
+        self.layer_idx = layer_idx  # which slot of a KV cache is ours
         d, kv = config.n_embd, config.n_kv_head * config.head_dim
         self.c_q = nn.Linear(d, d, bias=False)
         self.c_k = nn.Linear(d, kv, bias=False)
         self.c_v = nn.Linear(d, kv, bias=False)
         self.c_proj = nn.Linear(d, d, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache=None) -> torch.Tensor:
         B, T, C = x.shape
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
@@ -168,12 +175,27 @@ class CausalSelfAttention(nn.Module):
         # RoPE then QK-norm, both in fp32; back to v's dtype (bf16 under autocast) for attention.
         q, k = norm(apply_rotary(q, cos, sin)).to(v.dtype), norm(apply_rotary(k, cos, sin)).to(v.dtype)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
+        if kv_cache is not None and kv_cache.pos > 0:
+            return self.c_proj(self._attend_cached(q, k, v, kv_cache).transpose(1, 2).reshape(B, T, C))
+        if kv_cache is not None:  # a prefill: remember k and v, then attend exactly as in training
+            kv_cache.insert(self.layer_idx, k, v)
         if self.window >= T:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         else:
             # Correct first: an explicit mask (SDPA then cannot use its fastest kernel).
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=window_mask(T, self.window, x.device), enable_gqa=True)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
+
+    def _attend_cached(self, q, k, v, kv_cache) -> torch.Tensor:
+        """Queries at positions pos..pos+T-1 over every cached key they may see (inference only)."""
+        pos, T = kv_cache.pos, q.size(2)
+        keys, values = kv_cache.insert(self.layer_idx, k, v)  # positions 0..pos+T-1
+        # Keys older than the window of the first query are invisible to all: drop them rather than mask them.
+        start = max(0, pos - self.window + 1)
+        keys, values = keys[:, :, start:], values[:, :, start:]
+        # One query sees every key left (pos+1-start <= window of them); a chunk needs causality and the window.
+        mask = None if T == 1 else cached_window_mask(pos, T, start, self.window, q.device)
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
 
 
 class MLP(nn.Module):
@@ -187,13 +209,13 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config: GPTConfig, window: int):
+    def __init__(self, config: GPTConfig, window: int, layer_idx: int = 0):
         super().__init__()
-        self.attn = CausalSelfAttention(config, window)
+        self.attn = CausalSelfAttention(config, window, layer_idx)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin):
-        x = x + self.attn(norm(x), cos, sin)
+    def forward(self, x, cos, sin, kv_cache=None):
+        x = x + self.attn(norm(x), cos, sin, kv_cache)
         return x + self.mlp(norm(x))
 
 
@@ -206,7 +228,7 @@ class GPT(nn.Module):
         # torch's Python decompositions (~5 s of imports); init_weights() initialises it anyway.
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd, _weight=torch.empty(config.vocab_size, config.n_embd)),
-            h=nn.ModuleList([Block(config, w) for w in config.window_sizes()]),
+            h=nn.ModuleList([Block(config, w, i) for i, w in enumerate(config.window_sizes())]),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         # Rotary tables for 10x the training context (generation may run longer). Not parameters,
@@ -234,18 +256,26 @@ class GPT(nn.Module):
             torch.nn.init.zeros_(block.mlp.c_proj.weight)
         torch.nn.init.zeros_(self.lm_head.weight)  # uniform first prediction: loss starts at ln(vocab)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, loss_reduction: str = "mean"):
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, loss_reduction: str = "mean",
+                kv_cache=None):
         """idx (B, T) int64 -> logits (B, T, vocab) fp32, or the loss when targets (B, T) are given.
 
         Targets of -1 are ignored. loss_reduction "mean" gives a scalar, "none" the (B*T,) per-token losses.
+
+        With `kv_cache` (inference; see trainer/engine.py KVCache) idx holds the tokens at positions
+        kv_cache.pos.. of every row: rotary angles start there, each layer stores its keys and values
+        with kv_cache.insert(layer, k, v) -> all keys and values so far, and the cache advances by T.
         """
         B, T = idx.shape
-        if T > self.rotary_len:
-            raise ValueError(f"sequence of {T} tokens exceeds the rotary table ({self.rotary_len} = 10 x sequence_len)")
-        cos, sin = self.cos[:, :T], self.sin[:, :T]
+        pos = 0 if kv_cache is None else kv_cache.pos
+        if pos + T > self.rotary_len:
+            raise ValueError(f"sequence of {pos + T} tokens exceeds the rotary table ({self.rotary_len} = 10 x sequence_len)")
+        cos, sin = self.cos[:, pos:pos + T], self.sin[:, pos:pos + T]
         x = norm(self.transformer.wte(idx))
         for block in self.transformer.h:
-            x = block(x, cos, sin)
+            x = block(x, cos, sin, kv_cache)
+        if kv_cache is not None:
+            kv_cache.advance(T)
         logits = self.lm_head(norm(x)).float()
         logits = self.config.softcap * torch.tanh(logits / self.config.softcap)
         if targets is None:
