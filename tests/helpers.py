@@ -23,3 +23,18 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def save_test_checkpoints(run_dir, model, stages_and_steps) -> None:
+    """Write `model` as finished checkpoints (weights + meta.json) of the given (stage, step) pairs."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from trainer import checkpoint
+
+    for stage, step in stages_and_steps:
+        folder = checkpoint.stage_dir(run_dir, stage) / f"step_{step:06d}"
+        folder.mkdir(parents=True)
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
+        (folder / "meta.json").write_text(json.dumps({"step": step, "model_config": model.config.to_dict()}))

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import io
-import json
 import os
 import subprocess
 import sys
 
 import pytest
 
-from tests.helpers import REPO, mirror
+from tests.helpers import REPO, mirror, save_test_checkpoints
 from trainer import checkpoint, chat_cli, tok_train
 from trainer.tokenizer import Tokenizer
 
@@ -19,7 +18,6 @@ from trainer.tokenizer import Tokenizer
 def chat_run(tmp_path_factory):
     """A run dir with a real tokenizer and a small random model saved as a base and an sft checkpoint."""
     import torch
-    from safetensors.torch import save_file
 
     from trainer.model import GPTConfig, build_model
 
@@ -29,11 +27,7 @@ def chat_run(tmp_path_factory):
     torch.manual_seed(0)
     cfg = GPTConfig(sequence_len=64, vocab_size=1024, n_layer=2, n_head=2, n_kv_head=1, n_embd=64)
     model = build_model(cfg, "cpu")
-    for stage, step in (("base_train", 10), ("base_train", 20), ("sft_train", 5)):
-        folder = checkpoint.stage_dir(run, stage) / f"step_{step:06d}"
-        folder.mkdir(parents=True)
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
-        (folder / "meta.json").write_text(json.dumps({"step": step, "model_config": cfg.to_dict()}))
+    save_test_checkpoints(run, model, [("base_train", 10), ("base_train", 20), ("sft_train", 5)])
     return run
 
 

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
 
 import pytest
 
+from tests.helpers import save_test_checkpoints
 from trainer import checkpoint
 
 
@@ -13,7 +13,6 @@ from trainer import checkpoint
 def run(tmp_path_factory):
     """A run dir with a small random model saved as two base checkpoints and one sft checkpoint."""
     import torch
-    from safetensors.torch import save_file
 
     from trainer.model import GPTConfig, build_model
 
@@ -21,11 +20,7 @@ def run(tmp_path_factory):
     torch.manual_seed(0)
     cfg = GPTConfig(sequence_len=64, vocab_size=300, n_layer=2, n_head=2, n_kv_head=1, n_embd=64)
     model = build_model(cfg, "cpu")
-    for stage, step in (("base_train", 10), ("base_train", 20), ("sft_train", 5)):
-        folder = checkpoint.stage_dir(run, stage) / f"step_{step:06d}"
-        folder.mkdir(parents=True)
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
-        (folder / "meta.json").write_text(json.dumps({"step": step, "model_config": cfg.to_dict()}))
+    save_test_checkpoints(run, model, [("base_train", 10), ("base_train", 20), ("sft_train", 5)])
     (checkpoint.stage_dir(run, "sft_train") / "step_000009.tmp").mkdir()  # an interrupted save: never chosen
     return run, model
 
