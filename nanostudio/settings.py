@@ -20,6 +20,12 @@ REDIS_URL to scale out (PostgreSQL, Redis). Variables:
     NANOSTUDIO_PAUSE_GRACE  seconds a paused stage may take to save its checkpoint (default 900)
     NANOSTUDIO_GPUS       GPUs of this node to lease to runs (default: what nvidia-smi -L lists)
     NANOSTUDIO_Q_WORKERS  pipelines run at once by one qcluster (default 1: they share the GPUs)
+    NANOSTUDIO_CHAT_DEVICE  where the chat page's models run: auto (every GPU, else CPU), cuda or cpu
+    NANOSTUDIO_CHAT_SLOTS   answers generated at once on the CPU (default 1; on GPUs one per GPU)
+    NANOSTUDIO_CHAT_MODELS  checkpoints kept loaded per slot, least recently used unloaded (default 2)
+    NANOSTUDIO_CHAT_MAX_MESSAGE_CHARS / _MAX_TURNS / _MAX_TOTAL_CHARS / _MAX_NEW_TOKENS
+                          chat limits: characters per message (8000), user turns per branch (100),
+                          characters per branch (100000), tokens per answer (2048)
     LOG_LEVEL             console log level (default INFO)
 """
 
@@ -173,6 +179,19 @@ NANOSTUDIO_RUN_TIMEOUT = envint("NANOSTUDIO_RUN_TIMEOUT", 7 * 24 * 3600)
 # seconds. Pause: SIGTERM and wait this long for the checkpoint to be saved.
 NANOSTUDIO_CANCEL_GRACE = float(os.environ.get("NANOSTUDIO_CANCEL_GRACE", "10"))
 NANOSTUDIO_PAUSE_GRACE = float(os.environ.get("NANOSTUDIO_PAUSE_GRACE", "900"))
+# The chat page (studio/serving.py, studio/chat.py).
+NANOSTUDIO_CHAT_DEVICE = os.environ.get("NANOSTUDIO_CHAT_DEVICE", "auto")
+if NANOSTUDIO_CHAT_DEVICE not in ("auto", "cuda", "cpu"):
+    raise ValueError(f"NANOSTUDIO_CHAT_DEVICE must be auto, cuda or cpu, not {NANOSTUDIO_CHAT_DEVICE!r}")
+NANOSTUDIO_CHAT_SLOTS = max(1, envint("NANOSTUDIO_CHAT_SLOTS", 1))
+NANOSTUDIO_CHAT_MODELS = max(1, envint("NANOSTUDIO_CHAT_MODELS", 2))
+NANOSTUDIO_CHAT_LIMITS = {
+    "max_message_chars": envint("NANOSTUDIO_CHAT_MAX_MESSAGE_CHARS", 8000),
+    "max_turns": envint("NANOSTUDIO_CHAT_MAX_TURNS", 100),
+    "max_total_chars": envint("NANOSTUDIO_CHAT_MAX_TOTAL_CHARS", 100_000),
+    "max_new_tokens": envint("NANOSTUDIO_CHAT_MAX_NEW_TOKENS", 2048),
+}
+
 Q_CLUSTER = {
     "name": "nanostudio",
     "workers": envint("NANOSTUDIO_Q_WORKERS", 1),

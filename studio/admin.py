@@ -1,6 +1,6 @@
 from django.contrib import admin
 
-from studio.models import GpuLease, Run, RunEvent, StageRun
+from studio.models import Conversation, GpuLease, Message, Run, RunEvent, StageRun
 
 
 class StageRunInline(admin.TabularInline):
@@ -41,3 +41,20 @@ class GpuLeaseAdmin(admin.ModelAdmin):
     list_display = ["host", "index", "run", "stage", "acquired_at"]
     list_filter = ["host"]
     list_select_related = ["run"]
+
+
+@admin.register(Conversation)
+class ConversationAdmin(admin.ModelAdmin):
+    list_display = ["id", "title", "owner", "mode", "run", "stage", "step", "updated_at"]
+    list_filter = ["mode", "stage"]
+    search_fields = ["title", "owner__username"]
+    list_select_related = ["owner", "run"]
+    raw_id_fields = ["leaf", "run"]
+
+
+@admin.register(Message)
+class MessageAdmin(admin.ModelAdmin):
+    list_display = ["id", "conversation", "role", "status", "finish", "created_at"]
+    list_filter = ["role", "status"]
+    search_fields = ["content"]
+    raw_id_fields = ["conversation", "parent"]

@@ -1,6 +1,7 @@
 """WebSocket consumers (served by daphne; routes in studio/routing.py).
 
 RunConsumer streams one run to its page: ws://<host>/ws/runs/<run_id>/
+ChatConsumer serves the chat page: ws://<host>/ws/chat/ (protocol in its docstring)
 
 Client -> server (JSON):
     {"type": "hello", "after": null | N}   first message: null = send a snapshot; N = the last seq
@@ -31,15 +32,19 @@ group_send("run-<id>", {"type": "run.wake"}) wakes it at once.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import threading
 import time
 
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 
+from studio import chat
 from studio.actions import run_group
+from studio.chat import ChatError
 from studio.live import Follower
-from studio.models import Run
+from studio.models import Message, Run
 
 log = logging.getLogger(__name__)
 
@@ -130,3 +135,257 @@ class RunConsumer(AsyncJsonWebsocketConsumer):
         while True:
             await asyncio.sleep(HEARTBEAT_SECONDS)
             await self.send_json({"type": "ping", "time": time.time()})
+
+
+# Answers being written by this process: message id -> the consumer writing it.
+LIVE: dict[int, "ChatConsumer"] = {}
+FLUSH_SECONDS = 0.05  # deltas are batched: at most ~20 messages a second per answer
+SAVE_SECONDS = 1.0  # an answer in progress is saved this often (a crash loses at most this much)
+
+
+class _Job:
+    """One answer being generated for this socket."""
+
+    def __init__(self, message: Message, mode: str):
+        self.message_id = message.id
+        self.mode = mode
+        self.stop = threading.Event()
+        self.reason = ""  # "stopped" (the Stop button) or "interrupted" (the page went away)
+        self.parts = [dict(p) for p in message.parts]
+        self.token_ids = list(message.token_ids)
+        self.probs = list(message.probs)
+        self.task: asyncio.Task | None = None
+        self.saved = False  # the final state is stored
+
+    def apply(self, deltas: list[list]) -> None:
+        for index, kind, text in deltas:
+            if index == len(self.parts):
+                self.parts.append({"type": kind, "text": ""})
+            self.parts[index]["text"] += text
+
+
+class ChatConsumer(AsyncJsonWebsocketConsumer):
+    """The chat page's socket: conversations, streamed answers, Stop.
+
+    Client -> server (JSON; ids are numbers):
+        {"type": "open", "conversation": ID}
+        {"type": "send", "conversation": ID|null, "parent": MSG|null, "text": "...", "settings": SETTINGS}
+        {"type": "edit", "message": USER_MSG, "text": "..."}      a new version of a question, answered
+        {"type": "regenerate", "message": ANSWER}                  a new version of an answer
+        {"type": "continue", "message": ANSWER}                    go on with an interrupted answer
+        {"type": "stop"}                                           end this socket's answer now
+        {"type": "select", "conversation": ID, "message": MSG}     show another version (branch)
+        {"type": "settings", "conversation": ID, "settings": SETTINGS}
+        {"type": "ping"}
+    Server -> client:
+        conversation {conversation, messages, leaf, generating} | created {conversation} |
+        message {message} | leaf {conversation, leaf} | waiting {message, position} |
+        loading {message} | started {message} | delta {message, parts: [[i, type, text]], probs} |
+        done {message} | settings {conversation, settings} | error {error, field} | pong
+    Close codes: 4401 not logged in, 4400 a message that is not JSON, too big, or of unknown type.
+
+    One answer per socket at a time. Stop ends it at once (also while waiting for a model slot
+    or loading); a closed socket ends it too, marked "interrupted", and the page continues it
+    when it opens the conversation again (a refresh mid-answer keeps streaming).
+    """
+
+    async def connect(self):
+        self.job: _Job | None = None
+        await self.accept()
+        user = self.scope.get("user")
+        if user is None or not user.is_authenticated:
+            await self.close(code=4401)
+            return
+        self.user = user
+
+    async def disconnect(self, code):
+        await self._stop("interrupted")
+
+    async def receive(self, text_data=None, bytes_data=None, **kwargs):
+        limit = chat.limits()["max_message_chars"] * 6 + 4096  # JSON escapes a character in at most 6 bytes
+        if bytes_data is not None or text_data is None or len(text_data) > limit:
+            await self.close(code=4400)
+            return
+        try:
+            content = json.loads(text_data)
+        except ValueError:
+            content = None
+        if not isinstance(content, dict) or content.get("type") not in self.HANDLERS:
+            await self.send_json({"type": "error", "error": "messages must be JSON objects with a known type", "field": None})
+            await self.close(code=4400)
+            return
+        try:
+            await getattr(self, self.HANDLERS[content["type"]])(content)
+        except ChatError as e:
+            await self.send_json({"type": "error", "error": str(e), "field": e.field})
+
+    HANDLERS = {"open": "do_open", "send": "do_send", "edit": "do_edit", "regenerate": "do_regenerate",
+                "continue": "do_continue", "stop": "do_stop", "select": "do_select", "settings": "do_settings",
+                "ping": "do_ping"}
+
+    async def do_ping(self, content):
+        await self.send_json({"type": "pong"})
+
+    async def do_open(self, content):
+        await self.send_json(await database_sync_to_async(chat.open_payload)(self.user, content.get("conversation"), set(LIVE)))
+
+    async def do_send(self, content):
+        self._require_idle()
+        conv, created, question, answer = await database_sync_to_async(chat.start_exchange)(
+            self.user, content.get("conversation"), content.get("parent"), content.get("text"), content.get("settings"))
+        if created:
+            await self.send_json({"type": "created", "conversation": await self._json(chat.conversation_json, conv)})
+        await self._begin(conv, question, answer)
+
+    async def do_edit(self, content):
+        self._require_idle()
+        conv, question, answer = await database_sync_to_async(chat.start_edit)(self.user, content.get("message"), content.get("text"))
+        await self._begin(conv, question, answer)
+
+    async def do_regenerate(self, content):
+        self._require_idle()
+        conv, answer = await database_sync_to_async(chat.start_regenerate)(self.user, content.get("message"))
+        await self._begin(conv, None, answer)
+
+    async def do_continue(self, content):
+        self._require_idle()
+        try:
+            other = LIVE.get(int(content.get("message")))
+        except (TypeError, ValueError):
+            raise ChatError("continue needs the id of an answer", "message") from None
+        if other is not None and other is not self:
+            await other._stop("interrupted")  # the same answer open in another tab: this page takes it over
+        conv, answer = await database_sync_to_async(chat.prepare_continue)(self.user, content.get("message"), set(LIVE))
+        self._start_job(conv, answer)
+
+    async def do_stop(self, content):
+        await self._stop("stopped")
+
+    async def do_select(self, content):
+        conv = await database_sync_to_async(chat.select_version)(self.user, content.get("conversation"), content.get("message"))
+        await self.send_json({"type": "leaf", "conversation": conv.id, "leaf": conv.leaf_id})
+
+    async def do_settings(self, content):
+        conv = await database_sync_to_async(chat.save_settings)(self.user, content.get("conversation"), content.get("settings"))
+        await self.send_json({"type": "settings", "conversation": conv.id, "settings": chat.conversation_settings(conv)})
+
+    def _require_idle(self):
+        if self.job is not None:
+            raise ChatError("an answer is being written: wait for it or press Stop", None)
+
+    async def _json(self, fn, *args):
+        return await database_sync_to_async(fn)(*args)
+
+    async def _begin(self, conv, question, answer):
+        if question is not None:
+            await self.send_json({"type": "message", "message": await self._json(chat.message_json, question, conv.mode)})
+        await self.send_json({"type": "message", "message": await self._json(chat.message_json, answer, conv.mode)})
+        await self.send_json({"type": "leaf", "conversation": conv.id, "leaf": answer.id})
+        self._start_job(conv, answer)
+
+    def _start_job(self, conv, answer):
+        self.job = _Job(answer, conv.mode)
+        LIVE[answer.id] = self
+        self.job.task = asyncio.create_task(self._answer(self.job))
+
+    async def _stop(self, reason: str):
+        job = self.job
+        if job is None or job.task is None:
+            return
+        job.reason = job.reason or reason
+        job.stop.set()  # the generation thread ends at its next token and frees the slot
+        job.task.cancel()
+        try:
+            await job.task
+        except asyncio.CancelledError:
+            pass
+        if not job.saved:  # cancelled before it ran a line: store the end here
+            await self._finish(job, Message.Status.INTERRUPTED if job.reason == "interrupted" else Message.Status.STOPPED,
+                               "stopped", "", None)
+
+    async def _answer(self, job: _Job):
+        """Get a slot, run the generation thread, forward its tokens; always leaves the answer saved."""
+        from studio.serving import get_pool, start_generation
+
+        status, finish, error, seconds = Message.Status.ERROR, "error", "", None
+        try:
+            answer = await database_sync_to_async(Message.objects.select_related("conversation__run").get)(pk=job.message_id)
+            request = await database_sync_to_async(chat.generation_request)(answer)
+            pool = get_pool()
+
+            def on_position(ahead: int):
+                asyncio.ensure_future(self._send_quietly({"type": "waiting", "message": job.message_id, "position": ahead}))
+
+            slot = await pool.acquire(self.user.id, request.key, on_position)
+            queue: asyncio.Queue = asyncio.Queue()
+            loop = asyncio.get_running_loop()
+            start_generation(pool, slot, request, job.stop, lambda item: loop.call_soon_threadsafe(queue.put_nowait, item))
+            end = await self._pump(job, queue)
+            if end[0] == "error":
+                error = end[1]
+            else:
+                _, finish, job.parts, job.token_ids, seconds = end
+                status = Message.Status.STOPPED if finish == "stopped" else Message.Status.DONE
+        except ChatError as e:
+            error = str(e)
+        except asyncio.CancelledError:
+            status = Message.Status.INTERRUPTED if job.reason == "interrupted" else Message.Status.STOPPED
+            finish = "stopped"
+        except Exception as e:
+            log.exception("chat answer %s failed", job.message_id)
+            error = f"{type(e).__name__}: {e}"
+        await self._finish(job, status, finish, error, seconds)
+
+    async def _finish(self, job: _Job, status: str, finish: str, error: str, seconds: float | None):
+        job.saved = True
+        LIVE.pop(job.message_id, None)
+        if self.job is job:
+            self.job = None
+        message = await database_sync_to_async(chat.save_answer)(
+            job.message_id, job.parts, job.token_ids, job.probs if job.mode == "completion" else None,
+            status, finish, error, seconds)
+        await self._send_quietly({"type": "done", "message": await self._json(chat.message_json, message, job.mode)})
+
+    async def _pump(self, job: _Job, queue: asyncio.Queue) -> tuple:
+        """Forward the thread's tokens as batched deltas, saving now and then; return its last item."""
+        pending_parts, pending_probs = [], []
+        last_flush = last_save = time.monotonic()
+        save = database_sync_to_async(chat.save_answer)
+        while True:
+            wait = FLUSH_SECONDS - (time.monotonic() - last_flush) if pending_parts or pending_probs else None
+            try:
+                item = await (asyncio.wait_for(queue.get(), max(wait, 0)) if wait is not None else queue.get())
+            except asyncio.TimeoutError:
+                item = None
+            if item is not None:
+                kind = item[0]
+                if kind in ("end", "error"):
+                    if pending_parts or pending_probs:
+                        await self._send_quietly({"type": "delta", "message": job.message_id, "parts": pending_parts, "probs": pending_probs})
+                    return item
+                if kind in ("loading", "started"):
+                    await self._send_quietly({"type": kind, "message": job.message_id})
+                    continue
+                _, token, deltas, probs = item
+                if token is not None:
+                    job.token_ids.append(token)
+                job.apply(deltas)
+                pending_parts.extend(deltas)
+                if probs is not None:
+                    job.probs.append(probs)
+                    pending_probs.append(probs)
+            now = time.monotonic()
+            if (pending_parts or pending_probs) and now - last_flush >= FLUSH_SECONDS:
+                await self._send_quietly({"type": "delta", "message": job.message_id, "parts": pending_parts, "probs": pending_probs})
+                pending_parts, pending_probs, last_flush = [], [], now
+            if now - last_save >= SAVE_SECONDS:
+                await save(job.message_id, job.parts, job.token_ids, job.probs if job.mode == "completion" else None,
+                           Message.Status.STREAMING)
+                last_save = now
+
+    async def _send_quietly(self, message: dict):
+        """Send unless the socket is gone (an answer still gets saved after its page closed)."""
+        try:
+            await self.send_json(message)
+        except Exception:
+            pass

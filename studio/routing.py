@@ -6,4 +6,5 @@ from studio import consumers
 
 websocket_urlpatterns = [
     path("ws/runs/<str:run_id>/", consumers.RunConsumer.as_asgi()),
+    path("ws/chat/", consumers.ChatConsumer.as_asgi()),
 ]

@@ -13,10 +13,10 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
 from django.views.decorators.http import require_GET, require_POST
 
-from studio import actions
+from studio import actions, chat
 from studio.forms import NewRunForm
 from studio.live import run_state
-from studio.models import Run
+from studio.models import Conversation, Run
 from studio.render import markdown_html
 from trainer import config
 
@@ -204,3 +204,55 @@ def kill_run(request, run_id):
 @require_POST
 def delete_run(request, run_id):
     return _act(request, run_id, actions.delete_run, f"Run {run_id} and its directory were deleted.")
+
+
+def chat_page(request, conversation_id=None):
+    """The chat page: a new chat, or one of the person's conversations (served over ws/chat/)."""
+    conversation = None
+    if conversation_id is not None:
+        try:
+            conversation = chat.get_conversation(request.user, conversation_id)
+        except chat.ChatError:
+            raise Http404("no such conversation") from None
+    checkpoints = chat.list_checkpoints()
+    config = {
+        "conversation": conversation.id if conversation else None,
+        "ws_path": "/ws/chat/",
+        "new_url": reverse("studio:chat_new"),
+        "url_template": reverse("studio:chat", args=[0]),
+        "checkpoints": checkpoints,
+        "settings": chat.conversation_settings(conversation) if conversation else chat.default_settings(checkpoints),
+        "limits": chat.limits(),
+    }
+    return render(request, "studio/chat.html", {
+        "conversations": Conversation.objects.filter(owner=request.user).select_related("run"),
+        "conversation": conversation,
+        "chat_config": config,
+    })
+
+
+def _chat_act(request, action, ok_payload):
+    wants_json = "application/json" in request.headers.get("Accept", "")
+    try:
+        result = action()
+    except chat.ChatError as e:
+        if wants_json:
+            return JsonResponse({"ok": False, "error": str(e), "field": e.field}, status=404 if e.field == "conversation" else 400)
+        messages.error(request, str(e))
+        return redirect("studio:chat_new")
+    payload = ok_payload(result)
+    if wants_json:
+        return JsonResponse(dict(payload, ok=True))
+    return redirect(payload["url"])
+
+
+@require_POST
+def chat_rename(request, conversation_id):
+    return _chat_act(request, lambda: chat.rename_conversation(request.user, conversation_id, request.POST.get("title")),
+                     lambda conv: {"title": conv.title, "url": conv.get_absolute_url()})
+
+
+@require_POST
+def chat_delete(request, conversation_id):
+    return _chat_act(request, lambda: chat.delete_conversation(request.user, conversation_id),
+                     lambda _: {"url": reverse("studio:chat_new")})

@@ -1,0 +1,362 @@
+"""Serving chat answers: a bounded pool of loaded models and the generation threads that use them.
+
+    pool = get_pool()                                  # one per event loop (daphne has one)
+    slot = await pool.acquire(user_id, key, on_position=...)   # waits fairly while every slot is busy
+    thread = start_generation(slot, request, stop, emit)      # tokens come back through emit()
+    ...                                                # the thread releases the slot when it ends
+
+Slots: one per GPU of the node (NANOSTUDIO_CHAT_DEVICE=cuda, or auto with CUDA), else
+NANOSTUDIO_CHAT_SLOTS on the CPU (default 1). A slot runs one generation at a time and
+keeps up to NANOSTUDIO_CHAT_MODELS checkpoints loaded, least recently used evicted first,
+so switching between two checkpoints does not reload each time.
+
+Fairness: when every slot is busy, requests wait in a queue served round-robin by user
+(the user served least recently goes first, then first come first served), so one person
+with many tabs cannot starve the others. Each waiting request is told how many are ahead.
+
+Generation runs in a thread (PyTorch releases the GIL, daphne's event loop stays free) and
+checks a threading.Event before every token: a Stop, or a page that goes away, ends it
+within one decode step, and the slot is released as soon as the thread returns.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+import weakref
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Callable
+
+import asyncio
+
+from django.conf import settings
+
+log = logging.getLogger(__name__)
+
+TOP_K_PROBS = 5  # alternatives shown per token in completion mode
+
+
+@dataclass
+class Loaded:
+    """A checkpoint in memory: the engine, its tokenizer, and what the model is."""
+    key: str
+    engine: object
+    tokenizer: object
+    sequence_len: int
+
+
+class Slot:
+    """One place a generation can run (a GPU, or a CPU share) and the models loaded there."""
+
+    def __init__(self, index: int, device: str, capacity: int):
+        self.index, self.device, self.capacity = index, device, capacity
+        self.models: OrderedDict[str, Loaded] = OrderedDict()
+        self.busy = False
+        self.lock = threading.Lock()  # models is touched by generation threads
+
+    def has(self, key: str) -> bool:
+        with self.lock:
+            return key in self.models
+
+    def get(self, key: str, load: Callable[[str, str], Loaded]) -> Loaded:
+        """The loaded checkpoint `key`, loading it (and evicting the least recently used) if needed."""
+        with self.lock:
+            if key in self.models:
+                self.models.move_to_end(key)
+                return self.models[key]
+        loaded = load(key, self.device)  # outside the lock: seconds for a large model
+        with self.lock:
+            self.models[key] = loaded
+            self.models.move_to_end(key)
+            while len(self.models) > self.capacity:
+                evicted, _ = self.models.popitem(last=False)
+                log.info("chat slot %d: unloaded %s", self.index, evicted)
+        if self.device.startswith("cuda"):
+            import torch
+            torch.cuda.empty_cache()
+        return loaded
+
+
+@dataclass(eq=False)
+class _Ticket:
+    user: int
+    key: str
+    future: asyncio.Future
+    order: int
+    on_position: Callable[[int], None] | None = None
+    position: int = -1
+
+
+@dataclass
+class Pool:
+    slots: list[Slot]
+    waiting: list[_Ticket] = field(default_factory=list)
+    last_served: dict[int, int] = field(default_factory=dict)
+    _counter: itertools.count = field(default_factory=itertools.count)
+
+    async def acquire(self, user: int, key: str, on_position: Callable[[int], None] | None = None) -> Slot:
+        """A free slot for `user`'s request for checkpoint `key`; waits its fair turn when all are busy.
+
+        Cancelling the waiting task (a Stop, a closed page) takes the request out of the queue.
+        """
+        loop = asyncio.get_running_loop()
+        ticket = _Ticket(user, key, loop.create_future(), next(self._counter), on_position)
+        self.waiting.append(ticket)
+        self._dispatch()
+        try:
+            return await ticket.future
+        except asyncio.CancelledError:
+            if ticket in self.waiting:
+                self.waiting.remove(ticket)
+                self._dispatch()
+            elif ticket.future.done() and not ticket.future.cancelled():
+                self.release(ticket.future.result())  # granted just as we were cancelled
+            raise
+
+    def release(self, slot: Slot) -> None:
+        slot.busy = False
+        self._dispatch()
+
+    def queue_length(self) -> int:
+        return len(self.waiting)
+
+    def _dispatch(self) -> None:
+        """Give free slots to waiting requests, fairest first, then tell the rest where they stand."""
+        self.waiting.sort(key=lambda t: (self.last_served.get(t.user, -1), t.order))
+        while self.waiting:
+            free = [s for s in self.slots if not s.busy]
+            if not free:
+                break
+            ticket = self.waiting.pop(0)
+            if ticket.future.done():  # cancelled while queued
+                continue
+            # A slot that has the checkpoint loaded saves a load.
+            slot = next((s for s in free if s.has(ticket.key)), free[0])
+            slot.busy = True
+            self.last_served[ticket.user] = next(self._counter)
+            ticket.future.set_result(slot)
+            self.waiting.sort(key=lambda t: (self.last_served.get(t.user, -1), t.order))
+        for position, ticket in enumerate(self.waiting):
+            if ticket.position != position and ticket.on_position is not None:
+                ticket.position = position
+                ticket.on_position(position)  # requests ahead of this one in the queue
+
+
+def slot_devices() -> list[str]:
+    """Where chat generations run: every GPU of the node, or NANOSTUDIO_CHAT_SLOTS CPU slots."""
+    wanted = settings.NANOSTUDIO_CHAT_DEVICE
+    if wanted in ("auto", "cuda"):
+        import torch
+        if torch.cuda.is_available():
+            return [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+        if wanted == "cuda":
+            raise RuntimeError("NANOSTUDIO_CHAT_DEVICE=cuda but PyTorch sees no GPU; use cpu or auto")
+    return ["cpu"] * settings.NANOSTUDIO_CHAT_SLOTS
+
+
+_pools: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Pool]" = weakref.WeakKeyDictionary()
+
+
+def get_pool() -> Pool:
+    """The pool of the running event loop (daphne runs one; each test gets a fresh one)."""
+    loop = asyncio.get_running_loop()
+    if loop not in _pools:
+        _pools[loop] = Pool([Slot(i, d, settings.NANOSTUDIO_CHAT_MODELS) for i, d in enumerate(slot_devices())])
+    return _pools[loop]
+
+
+def load_checkpoint(key: str, device: str) -> Loaded:
+    """Load the checkpoint folder `key` (…/checkpoints/<stage>/step_N) and its run's tokenizer."""
+    from pathlib import Path
+
+    import torch
+
+    from trainer.checkpoint import load_for_inference
+    from trainer.engine import Engine
+    from trainer.tokenizer import Tokenizer
+
+    path = Path(key)
+    run_dir = path.parent.parent.parent  # <run>/checkpoints/<stage>/step_N
+    tokenizer = Tokenizer.from_dir(run_dir / "tokenizer")
+    model, _meta = load_for_inference(path, device)
+    dtype = torch.bfloat16 if device.startswith("cuda") and torch.cuda.is_bf16_supported() else None
+    engine = Engine(model, tokenizer, dtype=dtype)
+    return Loaded(key, engine, tokenizer, model.config.sequence_len)
+
+
+class AnswerStream:
+    """Turns generated token ids into message parts and the text deltas a page appends.
+
+    Chat answers are split like the tokenizer's message parts: text, then a python block
+    (<|python_start|> … <|python_end|>), then its python_output, then text again. Text is
+    released only when it decodes to whole characters (a multi-byte character split over
+    two tokens shows up once complete), as in the terminal chat.
+    """
+
+    def __init__(self, tokenizer, completion: bool):
+        self.tok = tokenizer
+        self.completion = completion
+        s = tokenizer.special_ids
+        self.switch = {} if completion else {
+            s["<|python_start|>"]: "python", s["<|python_end|>"]: "text",
+            s["<|output_start|>"]: "python_output", s["<|output_end|>"]: "text",
+        }
+        self.specials = set(s.values())
+        self.parts: list[dict] = []  # {"type", "text"}: what has been released so far
+        self.open: dict | None = None  # the part the current ids belong to, once it has text
+        self.ids: list[int] = []  # ids of the current part
+        self.kind = "text"
+        self.token_ids: list[int] = []
+        self.deltas: list[list] = []  # [part index, type, appended text], since take_deltas
+
+    def add(self, token: int) -> None:
+        self.token_ids.append(token)
+        if token in self.switch:
+            self._release(final=True)
+            self.open, self.ids, self.kind = None, [], self.switch[token]
+            return
+        if token in self.specials:
+            return  # a control token with no place here: not text
+        self.ids.append(token)
+        self._release(final=False)
+
+    def finish(self) -> list[dict]:
+        self._release(final=True)
+        return self.message_parts()
+
+    def take_deltas(self) -> list[list]:
+        deltas, self.deltas = self.deltas, []
+        return deltas
+
+    def _release(self, final: bool) -> None:
+        """Append the current part's newly complete text (all of it when final)."""
+        if not self.ids:
+            return
+        text = self.tok.decode(self.ids)
+        if not final:
+            text = text.rstrip("\ufffd")
+        if self.open is None:
+            if not text:
+                return
+            self.open = {"type": self.kind, "text": ""}
+            self.parts.append(self.open)
+        new = text[len(self.open["text"]):]
+        if new:
+            self.open["text"] = text
+            self.deltas.append([len(self.parts) - 1, self.open["type"], new])
+
+    def message_parts(self) -> list[dict]:
+        return [{"type": p["type"], "text": p["text"]} for p in self.parts]
+
+
+def token_probs(tokenizer, logits, token: int) -> dict:
+    """{"t", "p", "top"}: the chosen token, its probability and the most likely alternatives (temperature 1)."""
+    import torch
+
+    probs = torch.softmax(logits.float(), dim=-1)
+    top_p, top_i = torch.topk(probs, min(TOP_K_PROBS, probs.numel()))
+    return {
+        "t": tokenizer.decode([token]),
+        "p": round(float(probs[token]), 5),
+        "top": [[tokenizer.decode([i]), round(p, 5)] for i, p in zip(top_i.tolist(), top_p.tolist())],
+    }
+
+
+@dataclass
+class Request:
+    """What a generation needs, gathered from the database by studio.chat.generation_request."""
+    key: str  # checkpoint folder
+    completion: bool
+    messages: list[dict]  # chat: the conversation for the prompt; completion: [{"text": document so far}]
+    prior_ids: list[int]  # tokens of the answer written before an interruption
+    temperature: float
+    top_k: int
+    max_tokens: int
+    seed: int | None
+
+
+def build_prompt(loaded: Loaded, request: Request) -> list[int]:
+    """The prompt ids: the conversation (oldest exchanges dropped to fit) or the document's end, plus prior ids."""
+    from trainer.chat_cli import fit_history
+
+    tok = loaded.tokenizer
+    context = loaded.sequence_len
+    # Keep room to answer inside the trained context; never less than half of it for the prompt.
+    budget = max(context // 2, context - request.max_tokens) - len(request.prior_ids)
+    budget = max(budget, 1)
+    if request.completion:
+        ids = tok.encode(request.messages[0]["text"])
+        return [tok.bos_id] + ids[-(budget - 1):] + request.prior_ids if budget > 1 else [tok.bos_id] + request.prior_ids
+    prompt, _ = fit_history(tok, request.messages, budget)
+    return prompt + request.prior_ids
+
+
+def run_generation(slot: Slot, request: Request, stop: threading.Event, emit: Callable[[tuple], None]) -> None:
+    """Generate one answer on `slot` (in a thread), reporting through emit():
+
+    ("loading",) when the checkpoint must be read first, ("started",), then per token
+    ("token", id, deltas, probs-or-None), and finally ("end", finish, parts, token_ids, seconds)
+    with finish "stop" | "length" | "stopped", or ("error", text).
+    """
+    try:
+        if not slot.has(request.key):
+            emit(("loading",))
+        loaded = slot.get(request.key, load_checkpoint)
+        if stop.is_set():
+            emit(("end", "stopped", [], [], 0.0))
+            return
+        stream = AnswerStream(loaded.tokenizer, request.completion)
+        for token in request.prior_ids:
+            stream.add(token)
+        stream.take_deltas()  # the page already has them
+        prompt = build_prompt(loaded, request)
+        max_tokens = request.max_tokens - len(request.prior_ids)
+        engine = loaded.engine
+        emit(("started",))
+        started = time.monotonic()
+        finish = "length"
+        steps = engine.generate(prompt, max_tokens=max(max_tokens, 0), temperature=request.temperature,
+                                top_k=request.top_k or None, seed=request.seed)
+        try:
+            for column in steps:
+                if stop.is_set():
+                    finish = "stopped"
+                    break
+                entry = column[0]
+                if entry is None:
+                    finish = "stop"
+                    break
+                token = entry[0]
+                if token in engine.stop_ids:
+                    finish = "stop"
+                    break
+                probs = token_probs(loaded.tokenizer, engine.last_logits[0], token) if request.completion else None
+                stream.add(token)
+                emit(("token", token, stream.take_deltas(), probs))
+        finally:
+            steps.close()
+        stream.finish()
+        emit(("token", None, stream.take_deltas(), None))
+        emit(("end", finish, stream.message_parts(), stream.token_ids, time.monotonic() - started))
+    except Exception as e:  # shown to the person; the server keeps going
+        log.exception("chat generation failed")
+        emit(("error", f"generation failed: {type(e).__name__}: {e}"))
+
+
+def start_generation(pool: Pool, slot: Slot, request: Request, stop: threading.Event,
+                     emit: Callable[[tuple], None]) -> threading.Thread:
+    """Run the generation in a daemon thread; the slot goes back to the pool when it returns."""
+    loop = asyncio.get_running_loop()
+
+    def target():
+        try:
+            run_generation(slot, request, stop, emit)
+        finally:
+            loop.call_soon_threadsafe(pool.release, slot)
+
+    thread = threading.Thread(target=target, name=f"chat-slot-{slot.index}", daemon=True)
+    thread.start()
+    return thread
