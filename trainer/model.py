@@ -257,7 +257,7 @@ class GPT(nn.Module):
         torch.nn.init.zeros_(self.lm_head.weight)  # uniform first prediction: loss starts at ln(vocab)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, loss_reduction: str = "mean",
-                kv_cache=None):
+                kv_cache=None, last_only: bool = False):
         """idx (B, T) int64 -> logits (B, T, vocab) fp32, or the loss when targets (B, T) are given.
 
         Targets of -1 are ignored. loss_reduction "mean" gives a scalar, "none" the (B*T,) per-token losses.
@@ -265,6 +265,9 @@ class GPT(nn.Module):
         With `kv_cache` (inference; see trainer/engine.py KVCache) idx holds the tokens at positions
         kv_cache.pos.. of every row: rotary angles start there, each layer stores its keys and values
         with kv_cache.insert(layer, k, v) -> all keys and values so far, and the cache advances by T.
+
+        last_only gives the logits of the last position only, (B, 1, vocab): what generation needs.
+        The head over a whole prompt (vocab x width per position) is most of a prefill's time.
         """
         B, T = idx.shape
         pos = 0 if kv_cache is None else kv_cache.pos
@@ -276,6 +279,8 @@ class GPT(nn.Module):
             x = block(x, cos, sin, kv_cache)
         if kv_cache is not None:
             kv_cache.advance(T)
+        if last_only:
+            x = x[:, -1:]
         logits = self.lm_head(norm(x)).float()
         logits = self.config.softcap * torch.tanh(logits / self.config.softcap)
         if targets is None:
