@@ -5,8 +5,9 @@
     thread = start_generation(slot, request, stop, emit)      # tokens come back through emit()
     ...                                                # the thread releases the slot when it ends
 
-Slots: one per GPU of the node (NANOSTUDIO_CHAT_DEVICE=cuda, or auto with CUDA), else
-NANOSTUDIO_CHAT_SLOTS on the CPU (default 1). A slot runs one generation at a time and
+Slots: one per GPU of the node (NANOSTUDIO_CHAT_DEVICE=cuda, or auto with CUDA; pick them with
+NANOSTUDIO_CHAT_GPUS=6,7 to keep chat off the GPUs training uses), else NANOSTUDIO_CHAT_SLOTS
+on the CPU (default 1). A slot runs one generation at a time and
 keeps up to NANOSTUDIO_CHAT_MODELS checkpoints loaded, least recently used evicted first,
 so switching between two checkpoints does not reload each time.
 
@@ -146,12 +147,17 @@ class Pool:
 
 
 def slot_devices() -> list[str]:
-    """Where chat generations run: every GPU of the node, or NANOSTUDIO_CHAT_SLOTS CPU slots."""
+    """Where chat generations run: the chat's GPUs (NANOSTUDIO_CHAT_GPUS, default every GPU), or CPU slots."""
     wanted = settings.NANOSTUDIO_CHAT_DEVICE
     if wanted in ("auto", "cuda"):
         import torch
         if torch.cuda.is_available():
-            return [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+            count = torch.cuda.device_count()
+            chosen = settings.NANOSTUDIO_CHAT_GPUS or list(range(count))
+            missing = [i for i in chosen if not 0 <= i < count]
+            if missing:
+                raise RuntimeError(f"NANOSTUDIO_CHAT_GPUS names GPU {missing}, but this node has GPUs 0..{count - 1}")
+            return [f"cuda:{i}" for i in chosen]
         if wanted == "cuda":
             raise RuntimeError("NANOSTUDIO_CHAT_DEVICE=cuda but PyTorch sees no GPU; use cpu or auto")
     return ["cpu"] * settings.NANOSTUDIO_CHAT_SLOTS
@@ -182,9 +188,21 @@ def load_checkpoint(key: str, device: str) -> Loaded:
     run_dir = path.parent.parent.parent  # <run>/checkpoints/<stage>/step_N
     tokenizer = Tokenizer.from_dir(run_dir / "tokenizer")
     model, _meta = load_for_inference(path, device)
-    dtype = torch.bfloat16 if device.startswith("cuda") and torch.cuda.is_bf16_supported() else None
-    engine = Engine(model, tokenizer, dtype=dtype)
+    compile = settings.NANOSTUDIO_CHAT_COMPILE
+    if device.startswith("cuda"):
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    else:  # bf16 pays on the CPU only compiled (weights packed once) and with bf16 instructions
+        dtype = torch.bfloat16 if compile and cpu_has_bf16() else None
+    engine = Engine(model, tokenizer, dtype=dtype, compile=compile)
     return Loaded(key, engine, tokenizer, model.config.sequence_len)
+
+
+def cpu_has_bf16() -> bool:
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
 
 
 class AnswerStream:

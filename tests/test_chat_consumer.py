@@ -165,6 +165,8 @@ def test_a_page_that_goes_away_interrupts_and_the_next_page_continues_the_answer
         created = await receive(comm, "created")
         await receive(comm, "delta")
         await comm.disconnect()  # a refresh: the socket closes mid-answer
+        slot = get_pool().slots[0]
+        assert await wait_for(lambda: not slot.busy), "a closed page kept its model slot"
         conv_id = created["conversation"]["id"]
         answer = await database_sync_to_async(lambda: Conversation.objects.get(pk=conv_id).leaf)()
         before = len(answer.token_ids)
@@ -296,3 +298,20 @@ def test_other_peoples_conversations_cannot_be_opened(run, user, django_user_mod
         return error
 
     assert async_to_sync(scenario)()["field"] == "conversation"
+
+
+@pytest.mark.slow
+def test_compiled_serving_streams_a_whole_answer(run, user, settings):
+    settings.NANOSTUDIO_CHAT_COMPILE = True  # torch.compile of the decode step (frozen bf16 on AMX CPUs)
+
+    async def scenario():
+        comm = communicator(user)
+        await comm.connect()
+        await comm.send_json_to({"type": "send", "conversation": None, "parent": None, "text": "Hi", "settings": SFT})
+        done = await receive(comm, "done", timeout=240)  # includes the compile
+        await comm.disconnect()
+        return done
+
+    done = async_to_sync(scenario)()
+    assert done["message"]["status"] == "done" and done["message"]["tokens"] == 40
+    assert text_of(done["skipped"]) == "".join(p["text"] for p in done["message"]["parts"])
