@@ -325,7 +325,9 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
                 error = end[1]
             else:
                 _, finish, job.parts, job.token_ids, seconds = end
-                status = Message.Status.STOPPED if finish == "stopped" else Message.Status.DONE
+                status = Message.Status.DONE
+                if finish == "stopped":  # the thread saw the stop flag before this task saw its cancel
+                    status = Message.Status.INTERRUPTED if job.reason == "interrupted" else Message.Status.STOPPED
         except ChatError as e:
             error = str(e)
         except asyncio.CancelledError:

@@ -323,13 +323,13 @@ def run_generation(slot: Slot, request: Request, stop: threading.Event, emit: Ca
         if not slot.has(request.key):
             emit(("loading",))
         loaded = slot.get(request.key, load_checkpoint)
-        if stop.is_set():
-            emit(("end", "stopped", [], [], 0.0))
-            return
         stream = AnswerStream(loaded.tokenizer, request.completion)
         for token in request.prior_ids:
             stream.add(token)
         stream.take_deltas()  # the page already has them
+        if stop.is_set():  # stopped while the checkpoint was loading
+            emit(("end", "stopped", stream.finish(), stream.token_ids, 0.0))
+            return
         prompt = build_prompt(loaded, request)
         max_tokens = request.max_tokens - len(request.prior_ids)
         engine = loaded.engine
