@@ -154,7 +154,8 @@ class Engine:
         """`dtype` (e.g. torch.bfloat16) runs the model under autocast; None leaves precision to the caller.
 
         `tool` maps the text of a python block to its output (None: no output); pass None to disable tools.
-        `compile` runs the one-token decode step through torch.compile (worth it on GPUs only).
+        `compile` runs the prefill and the one-token decode steps through torch.compile (two graphs,
+        dynamic shapes): ~20 s to compile, then ~2x faster decoding on the CPU (bench/inference.py).
         """
         self.model = model
         self.tokenizer = tokenizer
@@ -170,13 +171,13 @@ class Engine:
         self.last_logits: torch.Tensor | None = None  # (rows, vocab) fp32 behind the last yielded column
 
     def _compiled(self, model):
-        """The decode step through torch.compile.
+        """The model through torch.compile, for the prefill and the decode steps.
 
         On the CPU inductor also freezes the model (see _forward): the weights become constants
         that it pre-packs once for oneDNN (in bf16 under a bf16 autocast, for AMX) instead of
         casting and packing them again at every step. Measured on a 2-core AMX CPU, depth 4,
-        batch 1 (bench/inference.py): eager fp32 ~92 tok/s, compiled fp32 ~128, compiled and
-        frozen under bf16 autocast ~270. Frozen weights are copies taken at the first call: the
+        batch 1 (bench/inference.py): eager fp32 ~100 tok/s, compiled and frozen fp32 ~200,
+        compiled and frozen under bf16 autocast ~340. Frozen weights are copies taken at the first call: the
         model must not be trained afterwards (inference only).
         """
         import torch._inductor.config  # noqa: F401  (torch._inductor is not loaded by `import torch`)
@@ -229,7 +230,7 @@ class Engine:
 
         cache = KVCache.for_model(self.model, 1, len(tokens) + max_tokens)
         prompt = torch.tensor([tokens], dtype=torch.long, device=self.device)
-        logits = self._forward(self.model, prompt, cache)
+        logits = self._forward(self._decode, prompt, cache)
         if num_samples > 1:
             cache = cache.repeat(num_samples)
             logits = logits.expand(num_samples, -1)
