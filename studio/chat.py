@@ -128,6 +128,17 @@ def default_settings(checkpoints: list[dict]) -> dict:
     return dict(DEFAULT_SAMPLING, run=first and first["run"], stage=first and first["stage"], step=None)
 
 
+def preselect(settings: dict, checkpoints: list[dict], run_id: str, stage: str | None, step: str | None) -> dict:
+    """`settings` pointing at a run's checkpoint (its most advanced stage unless `stage` names one of
+    its stages; `step` only when that stage has it); unchanged when the run has no such checkpoint."""
+    candidates = [c for c in checkpoints if c["run"] == run_id and (not stage or c["stage"] == stage)]
+    if not candidates:
+        return settings
+    chosen = candidates[0]
+    wanted = int(step) if step and step.isdigit() else None
+    return dict(settings, run=run_id, stage=chosen["stage"], step=wanted if wanted in chosen["steps"] else None)
+
+
 def _apply_settings(conv: Conversation, values: dict) -> None:
     """Store checkpoint and sampling on the conversation; the checkpoint's kind must match the conversation's mode."""
     if values["run"] is not None:

@@ -181,6 +181,7 @@ def load_checkpoint(key: str, device: str) -> Loaded:
     import torch
 
     from trainer.checkpoint import load_for_inference
+    from trainer.common import cpu_supports_bf16
     from trainer.engine import Engine
     from trainer.tokenizer import Tokenizer
 
@@ -192,17 +193,9 @@ def load_checkpoint(key: str, device: str) -> Loaded:
     if device.startswith("cuda"):
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else None
     else:  # bf16 pays on the CPU only compiled (weights packed once) and with bf16 instructions
-        dtype = torch.bfloat16 if compile and cpu_has_bf16() else None
+        dtype = torch.bfloat16 if compile and cpu_supports_bf16() else None
     engine = Engine(model, tokenizer, dtype=dtype, compile=compile)
     return Loaded(key, engine, tokenizer, model.config.sequence_len)
-
-
-def cpu_has_bf16() -> bool:
-    try:
-        flags = open("/proc/cpuinfo").read()
-    except OSError:
-        return False
-    return " avx512_bf16" in flags or " amx_bf16" in flags
 
 
 class AnswerStream:

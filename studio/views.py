@@ -11,6 +11,7 @@ from django.db.models import Count
 from django.http import FileResponse, Http404, JsonResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
+from django.utils.http import urlencode
 from django.views.decorators.http import require_GET, require_POST
 
 from studio import actions, chat
@@ -120,6 +121,8 @@ def run_detail(request, run_id):
         "report_html": markdown_html(report_path.read_text(encoding="utf-8", errors="replace")) if report_path.is_file() else "",
         "report_url": reverse("studio:report_md", args=[run.id]),
         "compare_url": reverse("studio:compare") + f"?runs={run.id}",
+        # Its checkpoints (any stage, any step) are chattable: the chat page opens with this run picked.
+        "chat_url": reverse("studio:chat_new") + "?" + urlencode({"run": run.id}) if chat.list_checkpoints([run]) else "",
         "initial_run_json": state,
         "actions": state["actions"],
     })
@@ -215,13 +218,17 @@ def chat_page(request, conversation_id=None):
         except chat.ChatError:
             raise Http404("no such conversation") from None
     checkpoints = chat.list_checkpoints()
+    settings = chat.conversation_settings(conversation) if conversation else chat.default_settings(checkpoints)
+    if conversation is None and request.GET.get("run"):
+        # "Chat with this run" (the run page): its most advanced stage, or the stage and step asked for.
+        settings = chat.preselect(settings, checkpoints, request.GET.get("run"), request.GET.get("stage"), request.GET.get("step"))
     config = {
         "conversation": conversation.id if conversation else None,
         "ws_path": "/ws/chat/",
         "new_url": reverse("studio:chat_new"),
         "url_template": reverse("studio:chat", args=[0]),
         "checkpoints": checkpoints,
-        "settings": chat.conversation_settings(conversation) if conversation else chat.default_settings(checkpoints),
+        "settings": settings,
         "limits": chat.limits(),
     }
     return render(request, "studio/chat.html", {

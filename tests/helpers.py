@@ -38,3 +38,21 @@ def save_test_checkpoints(run_dir, model, stages_and_steps) -> None:
         folder.mkdir(parents=True)
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
         (folder / "meta.json").write_text(json.dumps({"step": step, "model_config": model.config.to_dict()}))
+
+
+def make_chat_run(run_dir, stages_and_steps, sequence_len: int = 64):
+    """A run dir with a real tokenizer (vocab 1024, trained on the mirror) and a small random model
+    (2 layers, GQA) saved as finished checkpoints of the given (stage, step) pairs. Returns run_dir."""
+    import os
+
+    import torch
+
+    from trainer import tok_train
+    from trainer.model import GPTConfig, build_model
+
+    os.environ["NANOSTUDIO_DATA_MIRROR"] = str(mirror())
+    assert tok_train.main(["--run-dir", str(run_dir), "--vocab-size", "1024", "--max-chars", "300000", "--doc-cap", "5000"]) == 0
+    torch.manual_seed(0)
+    config = GPTConfig(sequence_len=sequence_len, vocab_size=1024, n_layer=2, n_head=2, n_kv_head=1, n_embd=64)
+    save_test_checkpoints(run_dir, build_model(config, "cpu"), stages_and_steps)
+    return run_dir

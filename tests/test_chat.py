@@ -183,3 +183,29 @@ def test_rename_and_delete_answer_json_and_refuse_other_peoples_chats(client, us
     assert client.post(f"/chat/{mine.id}/delete/", **json_headers).json() == {"ok": True, "url": "/chat/"}
     assert not Conversation.objects.filter(pk=mine.pk).exists() and Conversation.objects.filter(pk=theirs.pk).exists()
     assert client.get(f"/chat/{mine.id}/delete/").status_code == 405
+
+
+def test_run_page_links_to_a_chat_with_that_run_picked(client, runs_dir):
+    from tests.helpers import save_test_checkpoints
+    from trainer.model import GPTConfig, build_model
+
+    model = build_model(GPTConfig(sequence_len=16, vocab_size=64, n_layer=1, n_head=1, n_kv_head=1, n_embd=16), "cpu")
+    newer = Run.objects.create(id="r2", preset="tiny", config={}, status="done")
+    save_test_checkpoints(newer.run_dir, model, [("sft_train", 4)])
+    run = Run.objects.create(id="r1", preset="tiny", config={}, status="done")
+    untrained = Run.objects.create(id="r0", preset="tiny", config={}, status="queued")
+    save_test_checkpoints(run.run_dir, model, [("base_train", 1), ("base_train", 3), ("mid_train", 2)])
+
+    page = client.get("/runs/r1/")
+    assert page.context["chat_url"] == "/chat/?run=r1" and b'id="chat-link"' in page.content
+    assert client.get("/runs/r0/").context["chat_url"] == ""
+
+    def picked(query):
+        return client.get("/chat/" + query).context["chat_config"]["settings"]
+
+    assert (picked("")["run"], picked("")["stage"]) == ("r1", "mid_train")  # newest run first
+    assert (picked("?run=r2")["run"], picked("?run=r2")["stage"]) == ("r2", "sft_train")
+    chosen = picked("?run=r1&stage=base_train&step=1")
+    assert (chosen["stage"], chosen["step"]) == ("base_train", 1)
+    assert picked("?run=r1&stage=base_train&step=99")["step"] is None  # no such step: the latest
+    assert picked("?run=nope")["run"] == "r1" and untrained  # unknown run: the defaults

@@ -9,26 +9,15 @@ import sys
 
 import pytest
 
-from tests.helpers import REPO, mirror, save_test_checkpoints
-from trainer import checkpoint, chat_cli, tok_train
+from tests.helpers import REPO, make_chat_run
+from trainer import checkpoint, chat_cli
 from trainer.tokenizer import Tokenizer
 
 
 @pytest.fixture(scope="module")
 def chat_run(tmp_path_factory):
     """A run dir with a real tokenizer and a small random model saved as a base and an sft checkpoint."""
-    import torch
-
-    from trainer.model import GPTConfig, build_model
-
-    os.environ["NANOSTUDIO_DATA_MIRROR"] = str(mirror())
-    run = tmp_path_factory.mktemp("chat")
-    assert tok_train.main(["--run-dir", str(run), "--vocab-size", "1024", "--max-chars", "300000", "--doc-cap", "5000"]) == 0
-    torch.manual_seed(0)
-    cfg = GPTConfig(sequence_len=64, vocab_size=1024, n_layer=2, n_head=2, n_kv_head=1, n_embd=64)
-    model = build_model(cfg, "cpu")
-    save_test_checkpoints(run, model, [("base_train", 10), ("base_train", 20), ("sft_train", 5)])
-    return run
+    return make_chat_run(tmp_path_factory.mktemp("chat"), [("base_train", 10), ("base_train", 20), ("sft_train", 5)])
 
 
 def test_find_prefers_the_most_advanced_stage_and_its_latest_step(chat_run):

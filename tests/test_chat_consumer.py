@@ -8,7 +8,6 @@ limits and protocol errors. The model pool is the real one (studio.serving).
 from __future__ import annotations
 
 import asyncio
-import os
 
 import pytest
 from asgiref.sync import async_to_sync
@@ -20,8 +19,7 @@ from studio import chat
 from studio.models import Conversation, Message, Run
 from studio.routing import websocket_urlpatterns
 from studio.serving import get_pool
-from tests.helpers import mirror, save_test_checkpoints
-from trainer import tok_train
+from tests.helpers import make_chat_run
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -29,17 +27,7 @@ pytestmark = pytest.mark.django_db(transaction=True)
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """A real tokenizer and a small random model (256-token context) as base and sft checkpoints."""
-    import torch
-
-    from trainer.model import GPTConfig, build_model
-
-    os.environ["NANOSTUDIO_DATA_MIRROR"] = str(mirror())
-    run_dir = tmp_path_factory.mktemp("chatrun")
-    assert tok_train.main(["--run-dir", str(run_dir), "--vocab-size", "1024", "--max-chars", "300000", "--doc-cap", "5000"]) == 0
-    torch.manual_seed(0)
-    model = build_model(GPTConfig(sequence_len=256, vocab_size=1024, n_layer=2, n_head=2, n_kv_head=1, n_embd=64), "cpu")
-    save_test_checkpoints(run_dir, model, [("base_train", 10), ("sft_train", 5)])
-    return run_dir
+    return make_chat_run(tmp_path_factory.mktemp("chatrun"), [("base_train", 10), ("sft_train", 5)], sequence_len=256)
 
 
 @pytest.fixture

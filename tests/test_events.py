@@ -61,3 +61,15 @@ def test_atomic_json_write_replaces_whole_file(tmp_path):
     write_json_atomic(tmp_path / "c.json", {"b": 2})
     assert json.loads((tmp_path / "c.json").read_text()) == {"b": 2}
     assert [p.name for p in tmp_path.iterdir()] == ["c.json"]
+
+
+def test_a_stage_called_as_a_function_leaves_the_callers_signal_handlers(tmp_path, monkeypatch):
+    import signal
+
+    from tests.helpers import mirror
+    from trainer import tok_train
+
+    monkeypatch.setenv("NANOSTUDIO_DATA_MIRROR", str(mirror()))
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    assert tok_train.main(["--run-dir", str(tmp_path), "--vocab-size", "300", "--max-chars", "20000", "--doc-cap", "2000"]) == 0
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before

@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 
 from trainer import checkpoint, common, dataset
-from trainer.events import EventWriter
+from trainer.events import EventWriter, restores_signals
 
 STAGE = "base_train"
 EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: stopped on request, checkpoint saved, resume with --resume
@@ -299,6 +299,7 @@ def train(args, ctx, events: EventWriter, stop: dict) -> int:
             b.close()  # stop each loader's background threads before the interpreter exits
 
 
+@restores_signals
 def main(argv=None):
     args = parse_args(argv)
     stop = {"now": False}

@@ -179,3 +179,24 @@ def complete_checkpoints(root: str | os.PathLike) -> list[Path]:
 def latest_checkpoint(root: str | os.PathLike) -> Path | None:
     done = complete_checkpoints(root)
     return done[-1] if done else None
+
+
+def restores_signals(main):
+    """Decorate a stage's main(): the SIGTERM/SIGINT handlers it installs are undone when it returns.
+
+    As a process the stage exits anyway; called as a function (tests, a notebook, the studio's
+    helpers) it must not leave its handlers in the caller's process.
+    """
+    import functools
+    import signal
+
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs):
+        saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            return main(*args, **kwargs)
+        finally:
+            for sig, handler in saved.items():
+                signal.signal(sig, handler)
+
+    return wrapper

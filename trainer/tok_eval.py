@@ -29,7 +29,7 @@ import traceback
 from pathlib import Path
 
 from trainer import dataset
-from trainer.events import EventWriter, write_json_atomic
+from trainer.events import EventWriter, restores_signals, write_json_atomic
 from trainer.tokenizer import SPECIAL_TOKENS, Tokenizer
 
 STAGE = "tok_eval"
@@ -226,6 +226,7 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+@restores_signals
 def main(argv=None):
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, signal.default_int_handler)

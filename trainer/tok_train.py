@@ -22,7 +22,7 @@ import traceback
 from pathlib import Path
 
 from trainer import dataset
-from trainer.events import EventWriter, write_json_atomic
+from trainer.events import EventWriter, restores_signals, write_json_atomic
 from trainer.tokenizer import SPECIAL_TOKENS, Tokenizer
 
 STAGE = "tok_train"
@@ -107,6 +107,7 @@ def train(args, events: EventWriter) -> dict:
     return stats
 
 
+@restores_signals
 def main(argv=None):
     args = parse_args(argv)
     # The studio cancels a stage with SIGTERM to its process group: turn it

@@ -24,8 +24,10 @@
 
   // ------------------------------------------------------------------ pure logic
 
-  const MIN_DELAY_MS = 1000;
-  const MAX_DELAY_MS = 15000;
+  // Reconnect backoff and socket URLs are the run page's (static/js/live.js, loaded first;
+  // required directly under node).
+  const Live = root.NanoLive || (typeof require === "function" ? require("./live.js") : null);
+  const {backoffDelay, socketUrl} = Live;
   const PING_MS = 20000;      // the chat server does not ping: the page does, to notice a dead link
   const DEAD_MS = 50000;      // no message at all for this long = the link is dead
   const SETTINGS_DEBOUNCE_MS = 600;
@@ -36,18 +38,6 @@
   };
   const SAMPLING_FIELDS = ["temperature", "top_k", "max_tokens", "seed"];
   const FIELD_LABELS = {temperature: "Temperature", top_k: "Top-k", max_tokens: "Max tokens", seed: "Seed"};
-
-  /** Delay before reconnect attempt `attempt` (0-based): 1, 2, 4, 8, 15, 15 ... s. */
-  function backoffDelay(attempt, minMs = MIN_DELAY_MS, maxMs = MAX_DELAY_MS) {
-    return Math.min(maxMs, minMs * Math.pow(2, attempt));
-  }
-
-  /** A ws:// or wss:// URL for a path, on the page's own host. */
-  function socketUrl(path, loc) {
-    if (/^wss?:\/\//.test(path)) return path;
-    const scheme = loc.protocol === "https:" ? "wss:" : "ws:";
-    return `${scheme}//${loc.host}${path.startsWith("/") ? "" : "/"}${path}`;
-  }
 
   /** Map id -> message, from a list or a map. */
   function indexMessages(messages) {
