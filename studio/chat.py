@@ -318,9 +318,14 @@ def document_text(branch: list[Message]) -> str:
 
 
 def save_answer(message_id: int, parts: list[dict], token_ids: list[int], probs: list | None, status: str,
-                finish: str = "", error: str = "", seconds: float | None = None) -> Message:
-    """Store an answer's progress or its end (a kill mid-answer loses at most the last save interval)."""
-    message = Message.objects.get(pk=message_id)
+                finish: str = "", error: str = "", seconds: float | None = None) -> Message | None:
+    """Store an answer's progress or its end (a kill mid-answer loses at most the last save interval).
+
+    None when the answer is gone: its conversation was deleted while it was being written.
+    """
+    message = Message.objects.select_related("conversation").filter(pk=message_id).first()
+    if message is None:
+        return None
     message.parts = parts
     message.content = "".join(p["text"] for p in parts if p["type"] == "text") if message.conversation.mode == "chat" \
         else "".join(p["text"] for p in parts)

@@ -319,7 +319,14 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             slot = await pool.acquire(self.user.id, request.key, on_position)
             queue: asyncio.Queue = asyncio.Queue()
             loop = asyncio.get_running_loop()
-            start_generation(pool, slot, request, job.stop, lambda item: loop.call_soon_threadsafe(queue.put_nowait, item))
+
+            def emit(item):  # called from the generation thread
+                try:
+                    loop.call_soon_threadsafe(queue.put_nowait, item)
+                except RuntimeError:  # the loop closed under a still running thread: nobody listens
+                    job.stop.set()
+
+            start_generation(pool, slot, request, job.stop, emit)
             end = await self._pump(job, queue)
             if end[0] == "error":
                 error = end[1]
@@ -346,6 +353,10 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         message = await database_sync_to_async(chat.save_answer)(
             job.message_id, job.parts, job.token_ids, job.probs if job.mode == "completion" else None,
             status, finish, error, seconds)
+        if message is None:
+            await self._send_quietly({"type": "error", "error": "the conversation was deleted while the answer was written",
+                                      "field": "conversation"})
+            return
         await self._send_quietly({"type": "done", "message": await self._json(chat.message_json, message, job.mode)})
 
     async def _pump(self, job: _Job, queue: asyncio.Queue) -> tuple:
@@ -381,8 +392,11 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
                 await self._send_quietly({"type": "delta", "message": job.message_id, "parts": pending_parts, "probs": pending_probs})
                 pending_parts, pending_probs, last_flush = [], [], now
             if now - last_save >= SAVE_SECONDS:
-                await save(job.message_id, job.parts, job.token_ids, job.probs if job.mode == "completion" else None,
-                           Message.Status.STREAMING)
+                saved = await save(job.message_id, job.parts, job.token_ids, job.probs if job.mode == "completion" else None,
+                                   Message.Status.STREAMING)
+                if saved is None:  # the conversation was deleted: stop writing into nothing
+                    job.stop.set()
+                    return ("error", "this conversation was deleted")
                 last_save = now
 
     async def _send_quietly(self, message: dict):

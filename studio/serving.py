@@ -366,7 +366,10 @@ def start_generation(pool: Pool, slot: Slot, request: Request, stop: threading.E
         try:
             run_generation(slot, request, stop, emit)
         finally:
-            loop.call_soon_threadsafe(pool.release, slot)
+            try:
+                loop.call_soon_threadsafe(pool.release, slot)
+            except RuntimeError:  # the event loop is gone (the server is shutting down): nobody waits
+                pass
 
     thread = threading.Thread(target=target, name=f"chat-slot-{slot.index}", daemon=True)
     thread.start()

@@ -303,3 +303,22 @@ def test_compiled_serving_streams_a_whole_answer(run, user, settings):
     done = async_to_sync(scenario)()
     assert done["message"]["status"] == "done" and done["message"]["tokens"] == 40
     assert text_of(done["skipped"]) == "".join(p["text"] for p in done["message"]["parts"])
+
+
+def test_deleting_a_conversation_mid_answer_stops_the_generation(run, user):
+    async def scenario():
+        comm = communicator(user)
+        await comm.connect()
+        await comm.send_json_to({"type": "send", "conversation": None, "parent": None, "text": "Keep going", "settings": LONG})
+        created = await receive(comm, "created")
+        await receive(comm, "delta")
+        await database_sync_to_async(chat.delete_conversation)(user, created["conversation"]["id"])
+        error = await receive(comm, "error")
+        slot = get_pool().slots[0]
+        freed = await wait_for(lambda: not slot.busy)
+        await comm.disconnect()
+        return error, freed
+
+    error, freed = async_to_sync(scenario)()
+    assert error["field"] == "conversation" and "deleted" in error["error"]
+    assert freed and not Message.objects.exists()

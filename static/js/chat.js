@@ -1096,6 +1096,8 @@
     function onError(msg) {
       // An error before any answer exists means the request was refused: unlock the composer.
       if (state.job && state.job.answer === null) state.job = null;
+      // The conversation was deleted (another tab) while its answer was written: nothing runs any more.
+      if (state.job && msg.field === "conversation") state.job = null;
       if (!(msg.field && showSettingsError(msg.field, msg.error))) showError(msg.error || "Something went wrong.");
       schedule(true);
     }
