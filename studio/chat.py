@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from django.conf import settings
 from django.db import transaction
+from django.db.models import Q
 from django.utils import timezone
 
 from studio.models import Conversation, Message, Run
@@ -369,6 +370,21 @@ def open_payload(user, conversation_id, live: set[int]) -> dict:
     generating = next((m.id for m in messages if m.id in live), None)
     return {"type": "conversation", "conversation": conversation_json(conv),
             "messages": [message_json(m, conv.mode) for m in messages], "leaf": conv.leaf_id, "generating": generating}
+
+
+SEARCH_MAX_CHARS = 200
+
+
+def search_conversations(user, query) -> list[int]:
+    """Ids of the person's conversations whose title or any message contains `query` (any case), newest first."""
+    query = (query or "").strip() if isinstance(query, str) else ""
+    if len(query) > SEARCH_MAX_CHARS:
+        raise ChatError(f"search for at most {SEARCH_MAX_CHARS} characters", "q")
+    conversations = Conversation.objects.filter(owner=user)
+    if query:
+        conversations = conversations.filter(
+            Q(title__icontains=query) | Q(messages__content__icontains=query)).distinct()
+    return list(conversations.values_list("id", flat=True))
 
 
 def rename_conversation(user, conversation_id, title) -> Conversation:

@@ -18,6 +18,7 @@ urlpatterns = [
     path("runs/<str:run_id>/kill/", views.kill_run, name="kill_run"),
     path("runs/<str:run_id>/delete/", views.delete_run, name="delete_run"),
     path("chat/", views.chat_page, name="chat_new"),
+    path("chat/search.json", views.chat_search_json, name="chat_search"),
     path("chat/<int:conversation_id>/", views.chat_page, name="chat"),
     path("chat/<int:conversation_id>/rename/", views.chat_rename, name="chat_rename"),
     path("chat/<int:conversation_id>/delete/", views.chat_delete, name="chat_delete"),

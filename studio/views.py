@@ -226,6 +226,7 @@ def chat_page(request, conversation_id=None):
         "conversation": conversation.id if conversation else None,
         "ws_path": "/ws/chat/",
         "new_url": reverse("studio:chat_new"),
+        "search_url": reverse("studio:chat_search"),
         "url_template": reverse("studio:chat", args=[0]),
         "checkpoints": checkpoints,
         "settings": settings,
@@ -251,6 +252,15 @@ def _chat_act(request, action, ok_payload):
     if wants_json:
         return JsonResponse(dict(payload, ok=True))
     return redirect(payload["url"])
+
+
+@require_GET
+def chat_search_json(request):
+    """The sidebar's search: ids of the person's conversations with the words in a title or a message."""
+    try:
+        return JsonResponse({"ids": chat.search_conversations(request.user, request.GET.get("q"))})
+    except chat.ChatError as e:
+        return JsonResponse({"error": str(e), "field": e.field}, status=400)
 
 
 @require_POST

@@ -209,3 +209,18 @@ def test_run_page_links_to_a_chat_with_that_run_picked(client, runs_dir):
     assert (chosen["stage"], chosen["step"]) == ("base_train", 1)
     assert picked("?run=r1&stage=base_train&step=99")["step"] is None  # no such step: the latest
     assert picked("?run=nope")["run"] == "r1" and untrained  # unknown run: the defaults
+
+
+def test_search_finds_words_in_titles_and_messages_of_my_conversations_only(client, user, django_user_model):
+    by_title = Conversation.objects.create(owner=user, title="Zebra facts")
+    by_message = Conversation.objects.create(owner=user, title="untitled")
+    Message.objects.create(conversation=by_message, role="assistant", content="Zebras have stripes")
+    Conversation.objects.create(owner=user, title="other")
+    other = django_user_model.objects.create_user("grace", password="another long password")
+    theirs = Conversation.objects.create(owner=other, title="zebra too")
+
+    found = client.get("/chat/search.json", {"q": " ZEBRA "}).json()["ids"]
+    assert sorted(found) == sorted([by_title.id, by_message.id]) and theirs.id not in found
+    assert len(client.get("/chat/search.json").json()["ids"]) == 3
+    too_long = client.get("/chat/search.json", {"q": "x" * 201})
+    assert too_long.status_code == 400 and "200" in too_long.json()["error"]

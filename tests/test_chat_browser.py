@@ -214,6 +214,8 @@ def test_sidebar_renames_filters_and_deletes_conversations(manage_env, tmp_path,
         expect(page.locator("#conv-list .conv.current")).to_be_hidden()
         page.fill("#conv-filter", "BEDTIME")
         expect(page.locator("#conv-list .conv.current")).to_be_visible()
+        page.fill("#conv-filter", "me a story")  # in the first message, no longer in the title: the server finds it
+        expect(page.locator("#conv-list .conv.current")).to_be_visible(timeout=10_000)
 
         page.once("dialog", lambda dialog: dialog.accept())
         page.locator("#conv-list .conv.current button[title=Delete]").click()

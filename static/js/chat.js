@@ -769,15 +769,40 @@
       if (span) span.textContent = title;
     }
 
+    // Titles are filtered here at once; the server also searches the messages (search_url), and
+    // conversations it finds stay shown. `found` holds its answer for the query it was asked.
+    let found = {query: "", ids: new Set()};
+    let searchTimer = null;
+
     function applyFilter() {
       const query = ($("conv-filter") || {}).value || "";
       let shown = 0;
       for (const li of document.querySelectorAll("#conv-list .conv")) {
-        li.hidden = !titleMatches(li.dataset.title, query);
+        const hit = found.query === query.trim() && found.ids.has(Number(li.dataset.id));
+        li.hidden = !(titleMatches(li.dataset.title, query) || hit);
         if (!li.hidden) shown++;
       }
       const none = $("conv-none");
       if (none) none.hidden = shown > 0 || !document.querySelector("#conv-list .conv");
+    }
+
+    function searchMessages() {
+      const query = (($("conv-filter") || {}).value || "").trim();
+      if (searchTimer !== null) root.clearTimeout(searchTimer);
+      if (!query || !config.search_url) return;
+      searchTimer = root.setTimeout(async () => {
+        searchTimer = null;
+        try {
+          const response = await fetch(`${config.search_url}?q=${encodeURIComponent(query)}`,
+            {headers: {Accept: "application/json"}, credentials: "same-origin"});
+          if (!response.ok) return;
+          const body = await response.json();
+          found = {query, ids: new Set(body.ids || [])};
+          applyFilter();
+        } catch (err) {
+          // offline: the title filter still works
+        }
+      }, 250);
     }
 
     function startRename(li) {
@@ -1283,7 +1308,10 @@
     stepSelect?.addEventListener("change", settingsChanged);
     for (const field of SAMPLING_FIELDS) $(`set-${field}`)?.addEventListener("input", settingsChanged);
 
-    $("conv-filter")?.addEventListener("input", applyFilter);
+    $("conv-filter")?.addEventListener("input", () => {
+      applyFilter();
+      searchMessages();
+    });
     const convList = $("conv-list");
     convList?.addEventListener("click", (event) => {
       const button = event.target.closest("button[data-act=rename]");
