@@ -176,12 +176,13 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         {"type": "stop"}                                           end this socket's answer now
         {"type": "select", "conversation": ID, "message": MSG}     show another version (branch)
         {"type": "settings", "conversation": ID, "settings": SETTINGS}
-        {"type": "ping"}
+        {"type": "ping"} | {"type": "pong"}                        (pong answers the server's ping)
     Server -> client:
         conversation {conversation, messages, leaf, generating} | created {conversation} |
         message {message} | leaf {conversation, leaf} | waiting {message, position} |
         loading {message} | started {message} | delta {message, parts: [[i, type, text]], probs} |
-        done {message} | settings {conversation, settings} | error {error, field} | pong
+        done {message} | settings {conversation, settings} | error {error, field} | pong |
+        ping {time} (at once on connect, then every HEARTBEAT_SECONDS)
     Close codes: 4401 not logged in, 4400 a message that is not JSON, too big, or of unknown type.
 
     One answer per socket at a time. Stop ends it at once (also while waiting for a model slot
@@ -191,14 +192,25 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
 
     async def connect(self):
         self.job: _Job | None = None
+        self.heartbeat = None
         await self.accept()
         user = self.scope.get("user")
         if user is None or not user.is_authenticated:
             await self.close(code=4401)
             return
         self.user = user
+        # A ping at once and then every HEARTBEAT_SECONDS: the page knows the link is live before it
+        # opens anything, and a silent link for 30 s means a dead one (static/js/live.js).
+        self.heartbeat = asyncio.create_task(self._heartbeat())
+
+    async def _heartbeat(self):
+        while True:
+            await self._send_quietly({"type": "ping", "time": time.time()})
+            await asyncio.sleep(HEARTBEAT_SECONDS)
 
     async def disconnect(self, code):
+        if getattr(self, "heartbeat", None) is not None:
+            self.heartbeat.cancel()
         await self._stop("interrupted")
 
     async def receive(self, text_data=None, bytes_data=None, **kwargs):
@@ -221,10 +233,13 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
 
     HANDLERS = {"open": "do_open", "send": "do_send", "edit": "do_edit", "regenerate": "do_regenerate",
                 "continue": "do_continue", "stop": "do_stop", "select": "do_select", "settings": "do_settings",
-                "ping": "do_ping"}
+                "ping": "do_ping", "pong": "do_pong"}
 
     async def do_ping(self, content):
         await self.send_json({"type": "pong"})
+
+    async def do_pong(self, content):
+        pass  # the answer to our ping: any message shows the link works
 
     async def do_open(self, content):
         await self.send_json(await database_sync_to_async(chat.open_payload)(self.user, content.get("conversation"), set(LIVE)))

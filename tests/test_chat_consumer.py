@@ -322,3 +322,19 @@ def test_deleting_a_conversation_mid_answer_stops_the_generation(run, user):
     error, freed = async_to_sync(scenario)()
     assert error["field"] == "conversation" and "deleted" in error["error"]
     assert freed and not Message.objects.exists()
+
+
+def test_the_socket_greets_with_a_ping_and_answers_pings(user):
+    async def scenario():
+        comm = communicator(user)
+        await comm.connect()
+        greeting = await comm.receive_json_from(timeout=5)
+        await comm.send_json_to({"type": "pong"})
+        quiet = await comm.receive_nothing(timeout=0.3)
+        await comm.send_json_to({"type": "ping"})
+        answer = await comm.receive_json_from(timeout=5)
+        await comm.disconnect()
+        return greeting, quiet, answer
+
+    greeting, quiet, answer = async_to_sync(scenario)()
+    assert greeting["type"] == "ping" and quiet and answer == {"type": "pong"}

@@ -24,18 +24,10 @@
 
   // ------------------------------------------------------------------ pure logic
 
-  // Reconnect backoff and socket URLs are the run page's (static/js/live.js, loaded first;
-  // required directly under node).
+  // The socket (reconnect with backoff, dead-link watchdog, final close codes) is the run page's
+  // client, static/js/live.js, loaded first; required directly under node.
   const Live = root.NanoLive || (typeof require === "function" ? require("./live.js") : null);
-  const {backoffDelay, socketUrl} = Live;
-  const PING_MS = 20000;      // the chat server does not ping: the page does, to notice a dead link
-  const DEAD_MS = 50000;      // no message at all for this long = the link is dead
   const SETTINGS_DEBOUNCE_MS = 600;
-  // Close codes after which reconnecting cannot help.
-  const FINAL_CLOSE = {
-    4400: "protocol error (reload the page)",
-    4401: "login required: sign in and reload the page",
-  };
   const SAMPLING_FIELDS = ["temperature", "top_k", "max_tokens", "seed"];
   const FIELD_LABELS = {temperature: "Temperature", top_k: "Top-k", max_tokens: "Max tokens", seed: "Seed"};
 
@@ -224,9 +216,9 @@
   }
 
   const NanoChat = {
-    backoffDelay, socketUrl, branchPath, siblingsOf, versionInfo, messageText, applyDelta, validateSettings,
+    branchPath, siblingsOf, versionInfo, messageText, applyDelta, validateSettings,
     stepOptions, findCheckpoint, alignTokens, documentSegments, documentText, autoContinueTarget, charCounter,
-    waitingText, titleMatches, actionUrl, FINAL_CLOSE,
+    waitingText, titleMatches, actionUrl,
   };
   root.NanoChat = NanoChat;
   if (typeof module !== "undefined" && module.exports) module.exports = NanoChat;
@@ -868,12 +860,7 @@
 
     // ---------------------------------------------------------- the socket
 
-    let ws = null;
-    let attempt = 0;
-    let retry = null;
-    let pinger = null;
-    let watchdog = null;
-    let closedForGood = false;
+    let conn = null;  // NanoLive.connect: reconnect with backoff, dead-link watchdog, answers pings
     let outbox = [];  // messages sent while the socket was down: delivered after "open"
 
     function showConnection(name, detail) {
@@ -887,101 +874,30 @@
     }
 
     function connect() {
-      if (closedForGood) return;
-      showConnection(attempt ? "reconnecting" : "connecting");
-      let sock;
-      try {
-        sock = new root.WebSocket(socketUrl(config.ws_path || "/ws/chat/", root.location));
-      } catch (err) {
-        scheduleReconnect();
-        return;
-      }
-      ws = sock;
-      armWatchdog();
-      sock.onopen = () => {
-        armWatchdog();
-        attempt = 0;
-        showConnection("live");
-        if (pinger === null) pinger = root.setInterval(() => send({type: "ping"}), PING_MS);
-        const id = state.conv ? state.conv.id : state.convId;
-        if (id !== null && id !== undefined) sock.send(JSON.stringify({type: "open", conversation: id}));
-        const queued = outbox;
-        outbox = [];
-        for (const msg of queued) sock.send(JSON.stringify(msg));
-      };
-      sock.onmessage = (e) => {
-        armWatchdog();
-        let msg;
-        try {
-          msg = JSON.parse(e.data);
-        } catch (err) {
-          return;
-        }
-        try {
-          receive(msg);
-        } catch (err) {
-          // A bug in one handler must not kill the link.
-          if (root.console) root.console.error("chat: handling", msg && msg.type, "failed", err);
-        }
-      };
-      sock.onerror = () => {};  // a close event follows and decides
-      sock.onclose = (e) => {
-        drop();
-        // The server ends a generation whose socket closed ("interrupted"); "open" after the reconnect continues it.
-        if (state.job) {
-          state.job = null;
-          schedule(true);
-        }
-        if (FINAL_CLOSE[e.code]) {
-          closedForGood = true;
-          showConnection("closed", FINAL_CLOSE[e.code]);
-          return;
-        }
-        scheduleReconnect();
-      };
-    }
-
-    function drop() {
-      if (watchdog !== null) root.clearTimeout(watchdog);
-      watchdog = null;
-      const old = ws;
-      ws = null;
-      if (!old) return;
-      old.onopen = old.onmessage = old.onclose = old.onerror = null;
-      try {
-        old.close(4000, "client closing");
-      } catch (err) {
-        // already closed
-      }
-    }
-
-    function armWatchdog() {
-      if (watchdog !== null) root.clearTimeout(watchdog);
-      watchdog = root.setTimeout(() => {
-        drop();
-        if (state.job) {
-          state.job = null;
-          schedule(true);
-        }
-        scheduleReconnect();
-      }, DEAD_MS);
-    }
-
-    function scheduleReconnect() {
-      if (closedForGood || retry !== null) return;
-      const delay = backoffDelay(attempt++);
-      showConnection("reconnecting", `retry in ${Math.round(delay / 1000)} s`);
-      retry = root.setTimeout(() => {
-        retry = null;
-        connect();
-      }, delay);
+      conn = Live.connect(config.ws_path || "/ws/chat/", {
+        onMessage: receive,
+        onState(name, detail) {
+          const why = detail.delay ? `retry in ${Math.round(detail.delay / 1000)} s` : (detail.reason || "");
+          showConnection(name, name === "live" ? "" : why);
+          // The server ends a generation whose socket closed ("interrupted"); "open" after the reconnect continues it.
+          if (name !== "live" && state.job) {
+            state.job = null;
+            schedule(true);
+          }
+        },
+      }, {
+        onOpen(sendNow) {
+          const id = state.conv ? state.conv.id : state.convId;
+          if (id !== null && id !== undefined) sendNow({type: "open", conversation: id});
+          const queued = outbox;
+          outbox = [];
+          for (const msg of queued) sendNow(msg);
+        },
+      });
     }
 
     function send(msg) {
-      if (ws && ws.readyState === 1) {
-        ws.send(JSON.stringify(msg));
-        return true;
-      }
+      if (conn && conn.send(msg)) return true;
       // Only settings wait for the link; a question sent into a dead link would surprise later.
       if (msg.type === "settings") outbox.push(msg);
       return false;
@@ -1338,11 +1254,7 @@
     });
 
     root.addEventListener("online", () => {
-      if (retry !== null) {
-        root.clearTimeout(retry);
-        retry = null;
-        connect();
-      }
+      if (conn) conn.reconnectNow();
     });
 
     // ---------------------------------------------------------- start

@@ -8,6 +8,10 @@
      onState(state, detail) {}, // "connecting" | "live" | "reconnecting" | "closed"
    });
    conn.close();
+   conn.send({...});              // false while the link is down
+
+   Other protocols pass options.onOpen(send), called on every (re)connect instead of the hello
+   (the chat page opens its conversation there); every message still reaches onMessage.
 
    The client says hello with `after: null` the first time and `after: <last
    seq>` on every reconnect, so the server can resume the stream without gaps;
@@ -88,7 +92,9 @@
     }
 
     function send(msg) {
-      if (ws && ws.readyState === 1) ws.send(JSON.stringify(msg));
+      if (!ws || ws.readyState !== 1) return false;
+      ws.send(JSON.stringify(msg));
+      return true;
     }
 
     function armWatchdog() {
@@ -144,7 +150,9 @@
       sock.onopen = () => {
         connectedOnce = true;
         armWatchdog();
-        send({type: "hello", after: lastSeq});
+        // The run protocol starts with hello; another protocol (the chat page) says what it sends.
+        if (options.onOpen) options.onOpen(send);
+        else send({type: "hello", after: lastSeq});
       };
       sock.onmessage = (e) => {
         armWatchdog();
@@ -234,6 +242,8 @@
         retry = null;
         open();
       },
+      /** Send a JSON message now; false when the socket is not open. */
+      send,
       get lastSeq() {
         return lastSeq;
       },

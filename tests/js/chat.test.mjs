@@ -150,10 +150,6 @@ test("rename and delete URLs hang off the conversation URL", () => {
   assert.equal(C.actionUrl("/chat/12", "delete"), "/chat/12/delete/");
 });
 
-test("reconnect backoff doubles up to 15 s", () => {
-  assert.deepEqual([0, 1, 2, 3, 4, 5].map((a) => C.backoffDelay(a)), [1000, 2000, 4000, 8000, 15000, 15000]);
-});
-
 test("the picker finds the checkpoint of the settings by run and stage", () => {
   const checkpoints = [{run: "b", stage: "sft_train"}, {run: "a", stage: "sft_train"}, {run: "a", stage: "base_train"}];
   assert.equal(C.findCheckpoint(checkpoints, {run: "a", stage: "base_train"}), 2);
