@@ -193,6 +193,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
     async def connect(self):
         self.job: _Job | None = None
         self.heartbeat = None
+        self.user = None
         await self.accept()
         user = self.scope.get("user")
         if user is None or not user.is_authenticated:
@@ -209,11 +210,13 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             await asyncio.sleep(HEARTBEAT_SECONDS)
 
     async def disconnect(self, code):
-        if getattr(self, "heartbeat", None) is not None:
+        if self.heartbeat is not None:
             self.heartbeat.cancel()
         await self._stop("interrupted")
 
     async def receive(self, text_data=None, bytes_data=None, **kwargs):
+        if self.user is None:
+            return  # refused at connect (4401): whatever arrives before the close is ignored
         limit = chat.limits()["max_message_chars"] * 6 + 4096  # JSON escapes a character in at most 6 bytes
         if bytes_data is not None or text_data is None or len(text_data) > limit:
             await self.close(code=4400)
