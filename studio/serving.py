@@ -198,71 +198,6 @@ def load_checkpoint(key: str, device: str) -> Loaded:
     return Loaded(key, engine, tokenizer, model.config.sequence_len)
 
 
-class AnswerStream:
-    """Turns generated token ids into message parts and the text deltas a page appends.
-
-    Chat answers are split like the tokenizer's message parts: text, then a python block
-    (<|python_start|> … <|python_end|>), then its python_output, then text again. Text is
-    released only when it decodes to whole characters (a multi-byte character split over
-    two tokens shows up once complete), as in the terminal chat.
-    """
-
-    def __init__(self, tokenizer, completion: bool):
-        self.tok = tokenizer
-        self.completion = completion
-        s = tokenizer.special_ids
-        self.switch = {} if completion else {
-            s["<|python_start|>"]: "python", s["<|python_end|>"]: "text",
-            s["<|output_start|>"]: "python_output", s["<|output_end|>"]: "text",
-        }
-        self.specials = set(s.values())
-        self.parts: list[dict] = []  # {"type", "text"}: what has been released so far
-        self.open: dict | None = None  # the part the current ids belong to, once it has text
-        self.ids: list[int] = []  # ids of the current part
-        self.kind = "text"
-        self.token_ids: list[int] = []
-        self.deltas: list[list] = []  # [part index, type, appended text], since take_deltas
-
-    def add(self, token: int) -> None:
-        self.token_ids.append(token)
-        if token in self.switch:
-            self._release(final=True)
-            self.open, self.ids, self.kind = None, [], self.switch[token]
-            return
-        if token in self.specials:
-            return  # a control token with no place here: not text
-        self.ids.append(token)
-        self._release(final=False)
-
-    def finish(self) -> list[dict]:
-        self._release(final=True)
-        return self.message_parts()
-
-    def take_deltas(self) -> list[list]:
-        deltas, self.deltas = self.deltas, []
-        return deltas
-
-    def _release(self, final: bool) -> None:
-        """Append the current part's newly complete text (all of it when final)."""
-        if not self.ids:
-            return
-        text = self.tok.decode(self.ids)
-        if not final:
-            text = text.rstrip("\ufffd")
-        if self.open is None:
-            if not text:
-                return
-            self.open = {"type": self.kind, "text": ""}
-            self.parts.append(self.open)
-        new = text[len(self.open["text"]):]
-        if new:
-            self.open["text"] = text
-            self.deltas.append([len(self.parts) - 1, self.open["type"], new])
-
-    def message_parts(self) -> list[dict]:
-        return [{"type": p["type"], "text": p["text"]} for p in self.parts]
-
-
 def token_probs(tokenizer, logits, token: int) -> dict:
     """{"t", "p", "top"}: the chosen token, its probability and the most likely alternatives (temperature 1)."""
     import torch
@@ -312,6 +247,8 @@ def run_generation(slot: Slot, request: Request, stop: threading.Event, emit: Ca
     ("token", id, deltas, probs-or-None), and finally ("end", finish, parts, token_ids, seconds)
     with finish "stop" | "length" | "stopped", or ("error", text).
     """
+    from trainer.engine import AnswerStream
+
     try:
         if not slot.has(request.key):
             emit(("loading",))

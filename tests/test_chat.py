@@ -11,7 +11,8 @@ from asgiref.sync import async_to_sync
 from studio import chat
 from studio.chat import ChatError
 from studio.models import Conversation, Message, Run
-from studio.serving import AnswerStream, Pool, Slot
+from studio.serving import Pool, Slot
+from trainer.engine import AnswerStream
 
 pytestmark = pytest.mark.django_db
 

@@ -21,85 +21,68 @@ from pathlib import Path
 import torch
 
 from trainer import checkpoint
-from trainer.engine import Engine
+from trainer.engine import AnswerStream, Engine
 from trainer.tokenizer import ConversationError, Tokenizer
 
 CHAT_STAGES = {"mid_train", "sft_train", "rl_train"}
 
 
 class Printer:
-    """Turns a stream of token ids into text on stdout without ever splitting a UTF-8 character.
+    """Prints an answer's tokens as they come, never splitting a UTF-8 character; tool calls in brackets.
 
-    Decoding the whole answer again each step and printing only what is new
-    keeps multi-byte characters whole: while a character is incomplete its
-    decoded form ends in U+FFFD, which is held back until the next token.
+    The splitting into parts and the holding back of incomplete characters are the engine's
+    AnswerStream (the chat page uses the same); this adds only the terminal's brackets.
     """
+
+    BRACKETS = {"python": (" [calculator: ", "]"), "python_output": (" [= ", "] ")}
 
     def __init__(self, tokenizer: Tokenizer, out=sys.stdout):
         self.tok, self.out = tokenizer, out
-        self.ids: list[int] = []
-        self.shown = 0
+        self.stream = AnswerStream(tokenizer, completion=False)
+        self.part = -1  # index of the part being printed
 
     def add(self, token: int) -> None:
-        self.ids.append(token)
-        text = self.tok.decode(self.ids)
-        ready = text.rstrip("\ufffd")
-        if len(ready) > self.shown:
-            self.out.write(ready[self.shown:])
-            self.out.flush()
-            self.shown = len(ready)
+        self.stream.add(token)
+        self._write(self.stream.take_deltas())
 
     def finish(self) -> str:
-        text = self.tok.decode(self.ids)
-        if len(text) > self.shown:
-            self.out.write(text[self.shown:])
+        """Print what is left, close an open bracket; return the answer's text (all parts)."""
+        self.parts = self.stream.finish()
+        self._write(self.stream.take_deltas())
+        self._close()
         self.out.flush()
-        self.ids, self.shown = [], 0
-        return text
+        self.stream, self.part = AnswerStream(self.tok, completion=False), -1
+        return "".join(p["text"] for p in self.parts)
+
+    def _write(self, deltas) -> None:
+        for index, kind, text in deltas:
+            if index != self.part:
+                self._close()
+                self.part, self.kind = index, kind
+                self.out.write(self.BRACKETS.get(kind, ("", ""))[0])
+            self.out.write(text)
+        self.out.flush()
+
+    def _close(self) -> None:
+        if self.part >= 0:
+            self.out.write(self.BRACKETS.get(self.kind, ("", ""))[1])
 
 
 def stream_answer(engine: Engine, tokenizer: Tokenizer, prompt: list[int], args, out=sys.stdout) -> list:
     """Generate one answer, printing it as it comes; return it as assistant message parts."""
-    s = tokenizer.special_ids
-    parts, kind = [], "text"
     printer = Printer(tokenizer, out)
-
-    def close_part():
-        text = printer.finish()
-        if text:
-            parts.append({"type": kind, "text": text})
-
     for row in engine.generate(prompt, num_samples=1, max_tokens=args.max_tokens, temperature=args.temperature,
                                top_k=args.top_k, top_p=args.top_p, seed=args.seed):
         if not row or row[0] is None:  # the row has ended
             break
         token, _mask = row[0]
-        if token in (s["<|assistant_end|>"], tokenizer.bos_id):
+        if token in engine.stop_ids:
             break
-        if token == s["<|python_start|>"]:
-            close_part()
-            kind = "python"
-            out.write(" [calculator: ")
-        elif token == s["<|python_end|>"]:
-            close_part()
-            kind = "text"
-            out.write("]")
-        elif token == s["<|output_start|>"]:
-            close_part()
-            kind = "python_output"
-            out.write(" [= ")
-        elif token == s["<|output_end|>"]:
-            close_part()
-            kind = "text"
-            out.write("] ")
-        elif token in s.values():
-            continue  # a control token the chat format does not expect here: not text
-        else:
-            printer.add(token)
-    close_part()
+        printer.add(token)
+    printer.finish()
     out.write("\n")
     out.flush()
-    return parts
+    return printer.parts
 
 
 def fit_history(tokenizer: Tokenizer, messages: list[dict], budget: int) -> tuple[list[int], list[dict]]:
