@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from trainer.calculator import MAX_EXPR_CHARS, evaluate
 
@@ -132,3 +134,19 @@ def test_too_many_operations_are_refused():
 @pytest.mark.parametrize("expr", ["1/0", "5 % 0", '"abc".index("z")', "1 +", ""])
 def test_errors_give_no_output(expr):
     assert evaluate(expr) is None
+
+
+@pytest.mark.parametrize("expr", [r'"\ud800"', r'"a\udfff".upper()', r'"\ud83d" + "x"', r'"ab".replace("a", "\udc00")'])
+def test_lone_surrogates_give_no_output(expr):
+    # The tokenizer cannot encode a lone surrogate: feeding one back used to end the generation with a TypeError.
+    assert evaluate(expr) is None
+
+
+@given(st.text(max_size=60))
+@settings(max_examples=300, deadline=None)
+def test_any_output_is_text_a_tokenizer_can_encode(expr):
+    for candidate in (expr, f'"{expr}"', f'"{expr}".upper()'):
+        out = evaluate(candidate)
+        assert out is None or isinstance(out, str)
+        if out is not None:
+            out.encode("utf-8")  # raises on a lone surrogate

@@ -55,6 +55,7 @@ _UNARY = {ast.UAdd: operator.pos, ast.USub: operator.neg}
 # Only commas between a digit and exactly three digits are dropped, so commas
 # inside string arguments such as "a,b".count(",") survive.
 _THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class Refused(Exception):
@@ -208,6 +209,10 @@ def _check(value):
             raise Refused("float not finite")
     elif type(value) is str:
         _check_length(len(value))
+        # A "\ud800" escape makes a lone surrogate: not text any tokenizer can
+        # encode, so feeding it back would end the generation with an error.
+        if _SURROGATE.search(value):
+            raise Refused("lone surrogate in string")
     elif type(value) is not bool:  # e.g. complex from (-8)**0.5
         raise Refused("result type")
     return value
