@@ -130,6 +130,7 @@ elif mode == "pausable":
         events.metric(step=step, loss=5.0 / step)
         time.sleep(0.05)
     os.makedirs(os.path.join(ckpt, f"step_{step:06d}"))
+    open(os.path.join(ckpt, f"step_{step:06d}", "model.safetensors"), "w").close()  # complete = meta.json + weights
     open(os.path.join(ckpt, f"step_{step:06d}", "meta.json"), "w").write("{}")
     events.emit("checkpoint", step=step)
     sys.exit(75)

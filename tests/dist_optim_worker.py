@@ -10,6 +10,8 @@ computes the same averaged gradient. Writes, per scenario:
     OUT/<scenario>_optim_rank<r>.safetensors   each rank's shard_state() after the last step
     OUT/<scenario>_full_params.safetensors     (world 1 only) the same steps on whole batches, no accumulation
     OUT/<scenario>_rank<r>.json                checks done inside the worker (resume from a saved shard)
+    OUT/<scenario>_reshard_rank<r>.json        (world > 1) every rank's saved shard, loaded back through
+                                               load_resharded_state on the same ranks: the max difference
 """
 
 import json
@@ -98,6 +100,26 @@ def run_all(out, world=1, rank=0):
             json.dump(checks, f)
 
 
+def reshard_same_world(out, world, rank):
+    """Load all ranks' saved shards (opened with safe_open, as a resume does) on the same ranks: nothing may change."""
+    from contextlib import ExitStack
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    for name, config in SCENARIOS.items():
+        opt = build_optimizer(build_model(config, "cpu"))
+        with ExitStack() as files:
+            opt.load_resharded_state([files.enter_context(safe_open(f"{out}/{name}_optim_rank{r}.safetensors", framework="pt"))
+                                      for r in range(world)])
+        saved = load_file(f"{out}/{name}_optim_rank{rank}.safetensors")
+        state = opt.shard_state()
+        assert set(state) == set(saved), sorted(set(state) ^ set(saved))
+        diff = max((state[k].double() - saved[k].double()).abs().max().item() for k in saved)
+        with open(f"{out}/{name}_reshard_rank{rank}.json", "w") as f:
+            json.dump({"max_diff": diff}, f)
+
+
 def main():
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
@@ -105,6 +127,8 @@ def main():
     rank = dist.get_rank() if world > 1 else 0
     run_all(sys.argv[1], world, rank)
     if world > 1:
+        dist.barrier()  # every shard is on disk
+        reshard_same_world(sys.argv[1], world, rank)
         dist.barrier()
         dist.destroy_process_group()
 

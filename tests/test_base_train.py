@@ -98,11 +98,23 @@ def test_resume_continues_exactly(new_run):
     first = train(paused, *common, "--stop-after-step", "3", check=False)
     assert first.returncode == 75, first.stderr[-2000:]
     assert sorted(losses(paused)) == [1, 2, 3]
-    train(paused, *common, "--resume")
+    # A newer step folder that a kill inside an old cleanup left with meta.json but no weights: skipped, and said so.
+    ckpts = paused / "checkpoints" / "base_train"
+    broken = ckpts / "step_000006"
+    shutil.copytree(ckpts / "step_000003", broken)
+    (broken / "model.safetensors").unlink()
+    meta = json.loads((ckpts / "step_000003" / "meta.json").read_text())
+    (broken / "meta.json").write_text(json.dumps({**meta, "step": 6}))
+    resumed = train(paused, *common, "--resume")
+    assert "skipping step_000006, which lacks model.safetensors" in resumed.stdout
     a, b = losses(straight), losses(paused)
     assert sorted(b) == list(range(1, 9))
     for step in range(1, 9):
         assert b[step] == pytest.approx(a[step], abs=1e-5), (step, a, b)
+    resume = [e for e in read_events(paused)[0] if e["kind"] == "resume"]
+    assert len(resume) == 1 and resume[0]["step"] == 3 and resume[0]["checkpoint"].endswith("step_000003")
+    assert resume[0]["skipped"] == [{"checkpoint": str(broken), "missing": ["model.safetensors"]}]
+    assert not broken.exists()  # the final save's cleanup removed it
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_75(new_run):
@@ -138,6 +150,81 @@ def test_two_ranks_equal_one_rank_with_two_accumulation_steps(new_run):
     ckpt = double / "checkpoints" / "base_train" / "step_000005"
     assert {p.name for p in ckpt.iterdir()} == {"model.safetensors", "meta.json", "optim_rank0.safetensors",
                                                 "optim_rank1.safetensors", "loader_rank0.json", "loader_rank1.json"}
+
+
+def final_weights(run, step):
+    from safetensors.torch import load_file
+
+    return load_file(str(run / "checkpoints" / "base_train" / f"step_{step:06d}" / "model.safetensors"))
+
+
+def assert_same_training(a_run, b_run, steps):
+    """Losses per step within the N-ranks-vs-accumulation tolerance, and the final weights close."""
+    import torch
+
+    a, b = losses(a_run), losses(b_run)
+    assert sorted(a) == sorted(b) == list(range(1, steps + 1)), (a, b)
+    for step in a:
+        assert b[step] == pytest.approx(a[step], abs=2e-4), (step, a, b)
+    wa, wb = final_weights(a_run, steps), final_weights(b_run, steps)
+    assert set(wa) == set(wb)
+    # The same summation-order noise as the loss: bf16 Newton-Schulz magnifies it a little (see test_optim).
+    diff = torch.cat([(wa[n] - wb[n]).flatten() for n in wa]).norm() / torch.cat([wa[n].flatten() for n in wa]).norm()
+    assert diff < 1e-3, diff
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("before, after", [(2, 1), (1, 2)])
+def test_a_run_paused_on_n_ranks_resumes_on_another_count(new_run, before, after):
+    """2 ranks x 1 micro-step paused, resumed on 1 rank x 2 (and the reverse), equals the run that never paused."""
+    straight, moved = new_run("straight"), new_run("moved")
+    common = ["--total-batch-size", "512", "--num-iterations", "6"]  # 2 data streams of 4 x 64 tokens
+
+    def launcher(ranks):
+        return torchrun(2, port=free_port()) if ranks == 2 else ()
+
+    train(straight, *common, launcher=launcher(before))
+    first = train(moved, *common, "--stop-after-step", "3", launcher=launcher(before), check=False)
+    # the stage exits 75 (paused); torchrun reports a child's non-zero exit as its own failure (1)
+    assert first.returncode == (75 if before == 1 else 1), first.stdout[-2000:] + first.stderr[-2000:]
+    assert read_events(moved)[0][-1]["status"] == "interrupted" and sorted(losses(moved)) == [1, 2, 3]
+    resumed = train(moved, *common, "--resume", launcher=launcher(after))
+    message = f"resumed at step 3 on {after} ranks (was {before}), accumulation {2 // before} → {2 // after}"
+    assert message in resumed.stdout
+    resume = next(e for e in read_events(moved)[0] if e["kind"] == "resume")
+    assert (resume["world_size"], resume["saved_world_size"], resume["grad_accum"], resume["saved_grad_accum"]) == \
+        (after, before, 2 // after, 2 // before)
+    assert_same_training(straight, moved, 6)
+    files = {p.name for p in (moved / "checkpoints" / "base_train" / "step_000006").iterdir()}
+    assert {f"optim_rank{r}.safetensors" for r in range(after)} <= files and f"optim_rank{after}.safetensors" not in files
+
+
+def test_resume_on_a_rank_count_that_does_not_divide_the_streams_names_the_valid_ones():
+    from trainer import base_train
+
+    args = base_train.parse_args(["--run-dir", "x", "--device-batch-size", "4", "--max-seq-len", "64",
+                                  "--total-batch-size", str(8 * 4 * 64)])
+    meta = {"world_size": 8, "args": vars(args)}  # 8 ranks x 1 micro-step: 8 streams
+    for world in (1, 2, 4, 8):
+        base_train.check_resume_world(meta, args, world)
+    with pytest.raises(RuntimeError, match=r"8 micro-batch streams \(8 ranks x 1 accumulation steps\); resume on a "
+                                           r"number of ranks that divides 8: 1, 2, 4, 8 \(this run has 3\)"):
+        base_train.check_resume_world(meta, args, 3)
+    other = base_train.parse_args(["--run-dir", "x", "--device-batch-size", "8", "--max-seq-len", "64",
+                                   "--total-batch-size", str(8 * 4 * 64)])
+    with pytest.raises(RuntimeError, match="trained with --device-batch-size 4, this run has 8; resume with the same value"):
+        base_train.check_resume_world(meta, other, 4)
+
+
+def test_resumed_streams_keep_every_stream_on_any_split():
+    from trainer import base_train
+
+    saved = [{"streams": ["s0", "s1"]}, {"streams": ["s2", "s3"]}]  # 2 ranks x 2 micro-steps: stream = rank * 2 + k
+    assert base_train.resumed_streams(saved, 0, 4) == ["s0", "s1", "s2", "s3"]  # 1 rank x 4
+    assert [base_train.resumed_streams(saved, r, 1) for r in range(4)] == [["s0"], ["s1"], ["s2"], ["s3"]]  # 4 x 1
+    assert base_train.resumed_streams(saved, 1, 2) == ["s2", "s3"]
+    with pytest.raises(RuntimeError, match="no data position for rank 1"):
+        base_train.resumed_streams([saved[0], None], 0, 4)
 
 
 @pytest.mark.slow

@@ -1,5 +1,6 @@
 """MuonAdamW: AdamW equals torch's, Newton-Schulz orthogonalises, schedules, sharded state, 1 vs 2 ranks."""
 
+import json
 import math
 import os
 import subprocess
@@ -276,3 +277,103 @@ def test_each_rank_holds_only_its_share_of_the_state(worlds):
     # a vocabulary of 127 rows cannot be split in two: those moments are replicated on both ranks
     rep = [load_file(str(two / f"replicated_optim_rank{r}.safetensors")) for r in (0, 1)]
     assert rep[0]["adamw.transformer.wte.weight.exp_avg"].shape == rep[1]["adamw.transformer.wte.weight.exp_avg"].shape == (127, 64)
+
+
+# ---- re-sharding: state saved on W ranks loaded on W' (resume on another number of GPUs) --------------------
+
+def _as_rank(monkeypatch, world, rank):
+    """Make this process's optimizer act as `rank` of `world` (layout only: nothing here steps)."""
+    from trainer import optim
+
+    monkeypatch.setattr(optim, "_world", lambda: (world, rank))
+
+
+def _expected_shard(full, opt, world, rank):
+    """What `rank` of `world` holds, cut by hand from the whole state a 1-rank run holds."""
+    out = {"world_size": torch.tensor(world), "rank": torch.tensor(rank)}
+    for g in opt.param_groups:
+        if g["kind"] == "adamw":
+            for p, name in zip(g["params"], g["names"]):
+                for key in ("exp_avg", "exp_avg_sq"):
+                    t = full[f"adamw.{name}.{key}"]
+                    sliced = p.numel() >= 1024 and p.size(0) % world == 0
+                    out[f"adamw.{name}.{key}"] = t.chunk(world)[rank] if sliced else t
+                out[f"adamw.{name}.step"] = full[f"adamw.{name}.step"]
+        else:
+            per = -(-len(g["names"]) // world)
+            for name in g["names"][rank * per:(rank + 1) * per]:
+                out[f"muon.{name}.momentum_buffer"] = full[f"muon.{name}.momentum_buffer"]
+    return out
+
+
+def _assert_same_state(got, want):
+    assert set(got) == set(want), sorted(set(got) ^ set(want))
+    for k in want:
+        torch.testing.assert_close(got[k].double(), want[k].double(), rtol=0, atol=1e-7, msg=k)
+
+
+@pytest.mark.parametrize("scenario", ["sliced", "replicated"])
+def test_state_of_two_ranks_loads_on_one_rank_as_the_one_rank_run_holds_it(worlds, scenario):
+    from contextlib import ExitStack
+
+    from safetensors import safe_open
+
+    from tests.dist_optim_worker import SCENARIOS
+
+    one, two = worlds
+    opt = build_optimizer(build_model(SCENARIOS[scenario], "cpu"))
+    with ExitStack() as files:  # as a resume opens them: only the rows and matrices wanted are read
+        opt.load_resharded_state([files.enter_context(safe_open(str(two / f"{scenario}_optim_rank{r}.safetensors"), framework="pt"))
+                                  for r in (0, 1)])
+    _assert_same_state(opt.shard_state(), load_file(str(one / f"{scenario}_optim_rank0.safetensors")))
+    # and under torchrun, every rank loading all shards on the same 2 ranks got its own shard back exactly
+    for r in (0, 1):
+        assert json.loads((two / f"{scenario}_reshard_rank{r}.json").read_text()) == {"max_diff": 0.0}
+
+
+@pytest.mark.parametrize("scenario", ["sliced", "replicated"])
+def test_state_of_one_rank_loads_on_two_ranks_as_the_two_rank_run_holds_it(worlds, scenario, monkeypatch):
+    from tests.dist_optim_worker import SCENARIOS
+
+    one, two = worlds
+    full = load_file(str(one / f"{scenario}_optim_rank0.safetensors"))
+    for rank in (0, 1):
+        _as_rank(monkeypatch, 2, rank)
+        opt = build_optimizer(build_model(SCENARIOS[scenario], "cpu"))
+        opt.load_resharded_state([full])
+        _assert_same_state(opt.shard_state(), load_file(str(two / f"{scenario}_optim_rank{rank}.safetensors")))
+
+
+@pytest.mark.parametrize("scenario", ["sliced", "replicated"])
+def test_state_of_two_ranks_loads_on_four_and_back_on_one(worlds, scenario, monkeypatch):
+    from tests.dist_optim_worker import SCENARIOS
+
+    one, two = worlds
+    full = load_file(str(one / f"{scenario}_optim_rank0.safetensors"))
+    saved = [load_file(str(two / f"{scenario}_optim_rank{r}.safetensors")) for r in (0, 1)]
+    four = []
+    for rank in range(4):  # sliced: wte/lm_head rows in quarters; 6 matrices as 2+2+2+0, 3 c_fc as 1+1+1+0
+        _as_rank(monkeypatch, 4, rank)
+        opt = build_optimizer(build_model(SCENARIOS[scenario], "cpu"))
+        opt.load_resharded_state(saved)
+        four.append(opt.shard_state())
+        _assert_same_state(four[-1], _expected_shard(full, opt, 4, rank))
+    _as_rank(monkeypatch, 1, 0)
+    opt = build_optimizer(build_model(SCENARIOS[scenario], "cpu"))
+    opt.load_resharded_state(four)
+    _assert_same_state(opt.shard_state(), full)
+
+
+def test_resharding_refuses_shards_out_of_order_or_of_another_model(worlds):
+    from tests.dist_optim_worker import SCENARIOS
+
+    _, two = worlds
+    saved = [load_file(str(two / f"sliced_optim_rank{r}.safetensors")) for r in (0, 1)]
+    opt = build_optimizer(build_model(SCENARIOS["sliced"], "cpu"))
+    with pytest.raises(ValueError, match=r"shard 0 of 2 says it is rank 1 of 2; pass optim_rank0 .. optim_rank1"):
+        opt.load_resharded_state(saved[::-1])
+    with pytest.raises(ValueError, match="shard 0 of 1 says it is rank 0 of 2"):
+        opt.load_resharded_state(saved[:1])
+    other = build_optimizer(build_model(SCENARIOS["replicated"], "cpu"))
+    with pytest.raises(ValueError, match="optimizer shard of rank 0 does not fit.*different depth"):
+        other.load_resharded_state(saved)

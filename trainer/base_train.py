@@ -12,8 +12,10 @@ The run directory must already hold tokenizer/ (stage tok_train). Horizon:
 accumulation, so 1 and 8 GPUs train the same model up to rounding.
 
 Writes events (stage "base_train") to <run-dir>/events.jsonl and checkpoints to
-<run-dir>/checkpoints/base_train/. --resume continues from the latest
-checkpoint exactly (model, optimizer shards, loader position, loop state).
+<run-dir>/checkpoints/base_train/. --resume continues from the latest whole
+checkpoint exactly (model, optimizer shards, loader position, loop state), on
+any number of ranks that divides its data streams (ranks x accumulation steps):
+the accumulation is adjusted so the global batch and the batches stay the same.
 SIGTERM or Ctrl-C saves a checkpoint and exits with code 75.
 """
 
@@ -113,6 +115,45 @@ def grad_accumulation(total_batch: int, device_batch: int, seq_len: int, world: 
     return total_batch // per_step
 
 
+def data_streams(saved_args: dict) -> int:
+    """Micro-batch streams a run's data is striped over: ranks x accumulation steps = global batch / row batch."""
+    return saved_args["total_batch_size"] // (saved_args["device_batch_size"] * saved_args["max_seq_len"])
+
+
+def check_resume_world(meta: dict, args, world: int) -> None:
+    """Refuse a resume that cannot see the checkpoint's batches, naming the rank counts that can."""
+    saved = meta["args"]
+    for flag in ("device_batch_size", "max_seq_len", "total_batch_size"):
+        if getattr(args, flag) != saved[flag]:
+            raise RuntimeError(f"--resume: the checkpoint was trained with --{flag.replace('_', '-')} {saved[flag]}, this run "
+                               f"has {getattr(args, flag)}; resume with the same value (the data position is kept per micro-batch stream)")
+    streams = data_streams(saved)
+    if streams % world:
+        valid = ", ".join(str(w) for w in range(1, streams + 1) if streams % w == 0)
+        raise RuntimeError(f"--resume: the checkpoint's data is striped over {streams} micro-batch streams "
+                           f"({meta.get('world_size', 1)} ranks x {streams // meta.get('world_size', 1)} accumulation steps); "
+                           f"resume on a number of ranks that divides {streams}: {valid} (this run has {world})")
+
+
+def resumed_streams(saved: list[dict | None], rank: int, accum: int) -> list[dict]:
+    """This rank's `accum` loader states, taken from those of every rank that saved the checkpoint.
+
+    Stream s is fed by rank s // accum at micro-step s % accum on every layout, and the saved ranks'
+    lists, concatenated in rank order, are the streams in order. So 2 ranks x 1 and 1 rank x 2 (or
+    any other split) continue exactly the same streams.
+    """
+    states = []
+    for r, state in enumerate(saved):
+        if not state or "streams" not in state:
+            raise RuntimeError(f"--resume: the checkpoint has no data position for rank {r} (loader_rank{r}.json); "
+                               "resume from another checkpoint")
+        states += state["streams"]
+    if len(states) % accum:
+        raise RuntimeError(f"--resume: the checkpoint has {len(states)} data streams, which {accum} accumulation steps "
+                           "per rank do not divide; keep the batch settings")
+    return states[rank * accum:(rank + 1) * accum]
+
+
 def horizon(args, model) -> tuple[int, str]:
     if args.num_iterations > 0:
         return args.num_iterations, "num-iterations"
@@ -159,26 +200,41 @@ def train(args, ctx, events: EventWriter, stop: dict) -> int:
     model = build_model(config, ctx.device)
     optimizer = build_optimizer(model, matrix_lr=args.matrix_lr, embedding_lr=args.embedding_lr,
                                 unembedding_lr=args.unembedding_lr, weight_decay=args.weight_decay)
+    ckpt_root = checkpoint.stage_dir(args.run_dir, STAGE)
+    resume_from, skipped = None, []
+    if args.resume:
+        resume_from, skipped = checkpoint.latest_resumable(ckpt_root)
+        if resume_from is None:
+            raise RuntimeError(f"--resume: no checkpoint in {ckpt_root} has every file a resume needs; start without --resume"
+                               + (f" (skipped damaged {', '.join(p.name for p, _ in skipped)})" if skipped else ""))
+        # before grad_accumulation, whose advice (change the batch) would be wrong for a resume
+        check_resume_world(checkpoint.read_meta(resume_from), args, ctx.world_size)
     accum = grad_accumulation(args.total_batch_size, args.device_batch_size, args.max_seq_len, ctx.world_size)
     num_iterations, horizon_from = horizon(args, model)
     flops_per_token = model.flops_per_token()
     peak = common.peak_flops(ctx.device_name) if ctx.device_type == "cuda" else None
 
     shards = dataset.pretrain_shards(args.data_source, args.num_shards, args.data_dir)
-    ckpt_root = checkpoint.stage_dir(args.run_dir, STAGE)
-    step, loader_state = 0, None
+    step, states = 0, [None] * accum
     loop = {"smooth_loss": 0.0, "train_seconds": 0.0, "min_val_bpb": None}
-    if args.resume:
-        path = checkpoint.latest(ckpt_root)
-        if path is None:
-            raise RuntimeError(f"--resume: no checkpoint in {ckpt_root}; start without --resume")
-        meta, loader_state = checkpoint.load(path, model, optimizer, ctx, device=ctx.device)
+    if resume_from is not None:
+        for path, missing in skipped:
+            say(ctx, f"--resume: skipping {path.name}, which lacks {', '.join(missing)} (a save or cleanup was killed)")
+        meta, saved_loaders = checkpoint.load(resume_from, model, optimizer, ctx, device=ctx.device)
         if meta["model_config"] != config.to_dict():
             raise RuntimeError(f"--resume: the checkpoint's model {meta['model_config']} differs from the flags' {config.to_dict()}")
         step = meta["step"]
         loop.update(meta.get("loop", {}))
         checkpoint.set_rng_state(meta.get("rng"))
-        events.emit("resume", step=step, checkpoint=str(path))
+        states = resumed_streams(saved_loaders, ctx.rank, accum)
+        saved_world = meta.get("world_size", 1)
+        saved_accum = data_streams(meta["args"]) // saved_world
+        message = (f"resumed at step {step} on {ctx.world_size} ranks (was {saved_world}), "
+                   f"accumulation {saved_accum} → {accum}")
+        say(ctx, message)
+        events.emit("resume", step=step, checkpoint=str(resume_from), world_size=ctx.world_size, saved_world_size=saved_world,
+                    grad_accum=accum, saved_grad_accum=saved_accum, message=message,
+                    skipped=[{"checkpoint": str(p), "missing": m} for p, m in skipped])
 
     events.emit("setup", model_config=config.to_dict(), params=model.num_params(), scaling_params=model.num_scaling_params(),
                 flops_per_token=flops_per_token, num_iterations=num_iterations, horizon_from=horizon_from,
@@ -196,9 +252,6 @@ def train(args, ctx, events: EventWriter, stop: dict) -> int:
     # accumulation steps sees exactly the batches 8 GPUs would: the runs agree
     # up to floating-point summation order.
     streams = ctx.world_size * accum
-    states = (loader_state or {}).get("streams") or [None] * accum
-    if len(states) != accum:
-        raise RuntimeError(f"--resume: the checkpoint has {len(states)} data streams per rank, this run needs {accum}; keep the batch settings")
     loaders = [PretrainLoader(shards.train, tok, args.device_batch_size, args.max_seq_len, rank=ctx.rank * accum + k,
                               world_size=streams, device=ctx.device, state=states[k],
                               threads=max(1, args.loader_threads // accum)) for k in range(accum)]
@@ -297,6 +350,11 @@ def train(args, ctx, events: EventWriter, stop: dict) -> int:
     finally:
         for b in batches:
             b.close()  # stop each loader's background threads before the interpreter exits
+
+
+def say(ctx, message: str):
+    if ctx.master:
+        print(message, flush=True)
 
 
 @restores_signals

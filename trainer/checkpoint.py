@@ -9,14 +9,21 @@ Layout under <run-dir>/checkpoints/<stage>/:
         meta.json                  step, model config, run config, loop state, world size
 
 Every rank writes into `step_000500.tmp/`; after a barrier rank 0 writes
-meta.json last and renames the folder. A folder without meta.json, or still
-named .tmp, is never "latest", so an interrupted save leaves the previous
-checkpoint as the one to resume from. The run directory must be on a
+meta.json last and renames the folder. A folder without meta.json or the
+weights, or still named .tmp, is never "latest", so an interrupted save leaves
+the previous checkpoint as the one to resume from. Deleting works the other
+way round: the folder is first renamed to `step_000500.deleting`, so a kill
+during the deletion never leaves a half-deleted `step_N` that looks whole;
+the next prune removes such leftovers. A resume takes the newest checkpoint
+that has every file it needs (optimizer shards and loader positions of every
+rank that saved it), on any number of ranks that divides the data streams:
+the optimizer state is re-sharded on load. The run directory must be on a
 filesystem every node sees for multi-node runs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -24,10 +31,10 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from trainer.events import complete_checkpoints, latest_checkpoint as latest, write_json_atomic  # noqa: F401 (re-exported)
-
+from trainer.events import CHECKPOINT_DIR, complete_checkpoints, latest_checkpoint as latest, write_json_atomic  # noqa: F401 (re-exported)
 
 
 def stage_dir(run_dir: str | os.PathLike, stage: str) -> Path:
@@ -81,10 +88,12 @@ def save(root: str | os.PathLike, step: int, model, optimizer, loader_state: dic
     _barrier(ctx)
     if rank == 0:
         world = ctx.world_size if ctx is not None else 1
-        write_json_atomic(tmp / "meta.json", {**meta, "step": step, "world_size": world})
+        # What every rank wrote, so a resume can tell a whole checkpoint from one a kill damaged.
+        write_json_atomic(tmp / "meta.json", {**meta, "step": step, "world_size": world,
+                                              "optimizer": optimizer is not None, "loader": loader_state is not None})
         _fsync_dir(tmp)
         if final.exists():  # re-saving the same step (e.g. after a resume): replace it
-            shutil.rmtree(final)
+            _delete(final)
         os.replace(tmp, final)
         _fsync_dir(root)
         prune(root, keep_last)
@@ -92,14 +101,36 @@ def save(root: str | os.PathLike, step: int, model, optimizer, loader_state: dic
     return final
 
 
+def _delete(folder: Path):
+    """Remove a checkpoint folder so that no kill leaves it looking whole.
+
+    rmtree deletes file by file: a kill half way used to leave step_N with meta.json but no weights,
+    still listed as complete. The rename takes the folder out of the step_N names in one atomic step.
+    """
+    trash = folder.with_name(folder.name + ".deleting")
+    if trash.exists():  # a leftover of an earlier killed deletion of the same step
+        shutil.rmtree(trash, ignore_errors=True)
+    os.replace(folder, trash)
+    _fsync_dir(folder.parent)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
 def prune(root: str | os.PathLike, keep_last: int):
-    if keep_last <= 0:
-        return
-    for p in complete_checkpoints(root)[:-keep_last]:
-        shutil.rmtree(p, ignore_errors=True)
-    # leftovers of saves that were killed half way
-    for p in Path(root).glob("step_*.tmp"):
-        shutil.rmtree(p, ignore_errors=True)
+    """Delete all but the newest `keep_last` complete checkpoints (keep_last <= 0: keep all), and leftovers."""
+    root = Path(root)
+    if keep_last > 0:
+        for p in complete_checkpoints(root)[:-keep_last]:
+            _delete(p)
+    # Leftovers: saves and deletions a kill interrupted, and step folders without meta.json or weights
+    # (half deleted by a cleanup from before deletions renamed first). None of them can be loaded.
+    complete = set(complete_checkpoints(root))
+    for p in root.glob("step_*"):
+        if not p.is_dir():
+            continue
+        if p.name.endswith((".tmp", ".deleting")):
+            shutil.rmtree(p, ignore_errors=True)
+        elif CHECKPOINT_DIR.match(p.name) and p not in complete:
+            _delete(p)
 
 
 def rng_state() -> dict:
@@ -129,7 +160,11 @@ def read_meta(path: str | os.PathLike) -> dict:
 
 def load_model(path: str | os.PathLike, model, device="cpu"):
     """Load weights into `model` (strict: every name and shape must match)."""
-    state = load_file(str(Path(path) / "model.safetensors"), device=str(device))
+    weights = Path(path) / "model.safetensors"
+    if not weights.is_file():
+        raise FileNotFoundError(f"checkpoint {path} has no model.safetensors (its save or deletion was interrupted); "
+                                "pick another step")
+    state = load_file(str(weights), device=str(device))
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise RuntimeError(f"checkpoint {path} does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}; "
@@ -137,23 +172,61 @@ def load_model(path: str | os.PathLike, model, device="cpu"):
     return model
 
 
-def load(path: str | os.PathLike, model, optimizer, ctx=None, device="cpu") -> tuple[dict, dict | None]:
-    """Restore model, this rank's optimizer shard and loader position; return (meta, loader_state)."""
+def missing_files(path: str | os.PathLike) -> list[str]:
+    """The files a resume from `path` needs that are not there: meta.json, the weights, and the optimizer
+    shard and loader position of every rank that saved it ([] for a whole checkpoint)."""
     path = Path(path)
+    if not (path / "meta.json").is_file():
+        return ["meta.json"]
     meta = read_meta(path)
-    world = ctx.world_size if ctx is not None else 1
-    rank = ctx.rank if ctx is not None else 0
-    if meta.get("world_size", 1) != world:
-        raise RuntimeError(
-            f"checkpoint {path} was written by {meta.get('world_size')} ranks but this run has {world}; "
-            "optimizer state and data positions are sharded per rank, so resume with the same number of GPUs"
-        )
+    # Checkpoints from before meta said what was saved: base_train's, which always saved both.
+    world = meta.get("world_size", 1)
+    need = ["model.safetensors"]
+    need += [f"optim_rank{r}.safetensors" for r in range(world)] if meta.get("optimizer", True) else []
+    need += [f"loader_rank{r}.json" for r in range(world)] if meta.get("loader", True) else []
+    return [name for name in need if not (path / name).is_file()]
+
+
+def latest_resumable(root: str | os.PathLike) -> tuple[Path | None, list[tuple[Path, list[str]]]]:
+    """The newest checkpoint a resume can use, and the newer step folders skipped with the files they lack."""
+    root = Path(root)
+    folders = []
+    if root.is_dir():
+        folders = sorted((int(m.group(1)), p) for p in root.iterdir() if (m := CHECKPOINT_DIR.match(p.name)) and p.is_dir())
+    skipped = []
+    for _, p in reversed(folders):
+        missing = missing_files(p)
+        if not missing:
+            return p, skipped
+        skipped.append((p, missing))
+    return None, skipped
+
+
+def load(path: str | os.PathLike, model, optimizer, ctx=None, device="cpu") -> tuple[dict, list[dict | None]]:
+    """Restore the model and this rank's share of the optimizer state; return (meta, loader states).
+
+    The checkpoint may come from any number of ranks: the optimizer state is re-sharded for this
+    run's ranks (each reads only its own rows and matrices). The loader states are those of every
+    rank that saved it, in rank order (None where a rank saved none); the caller maps them onto its ranks.
+    """
+    path = Path(path)
+    missing = missing_files(path)
+    if missing:
+        raise FileNotFoundError(f"checkpoint {path} is incomplete (missing {', '.join(missing)}): a save or cleanup "
+                                "was killed; resume from an older step or delete this folder")
+    meta = read_meta(path)
+    saved_world = meta.get("world_size", 1)
     load_model(path, model, device)
     if optimizer is not None:
-        optimizer.load_shard_state(load_file(str(path / f"optim_rank{rank}.safetensors"), device=str(device)))
-    loader_file = path / f"loader_rank{rank}.json"
-    loader_state = json.loads(loader_file.read_text()) if loader_file.exists() else None
-    return meta, loader_state
+        with contextlib.ExitStack() as files:
+            shards = [files.enter_context(safe_open(str(path / f"optim_rank{r}.safetensors"), framework="pt"))
+                      for r in range(saved_world)]
+            optimizer.load_resharded_state(shards)
+    loaders = []
+    for r in range(saved_world):
+        loader_file = path / f"loader_rank{r}.json"
+        loaders.append(json.loads(loader_file.read_text()) if loader_file.exists() else None)
+    return meta, loaders
 
 
 # Stages whose checkpoints hold a model, most advanced first: what a chat should load by default.

@@ -157,10 +157,13 @@ def stage_log_path(run_dir: str | os.PathLike, stage: str) -> Path:
 
 
 CHECKPOINT_DIR = re.compile(r"^step_(\d+)$")
+# What makes a checkpoint loadable: meta.json (a save writes it last) and the weights. Checking for the
+# files, not just the folder name, keeps a folder that an old or killed cleanup left half deleted out.
+CHECKPOINT_FILES = ("meta.json", "model.safetensors")
 
 
 def complete_checkpoints(root: str | os.PathLike) -> list[Path]:
-    """Finished checkpoints under checkpoints/<stage>/ (renamed, with meta.json), oldest first.
+    """Finished checkpoints under checkpoints/<stage>/ (renamed, with meta.json and the weights), oldest first.
 
     Lives here rather than in trainer/checkpoint.py so the studio can find a
     stage's resume point without importing torch.
@@ -171,7 +174,7 @@ def complete_checkpoints(root: str | os.PathLike) -> list[Path]:
     found = []
     for p in root.iterdir():
         m = CHECKPOINT_DIR.match(p.name)
-        if m and (p / "meta.json").is_file():
+        if m and all((p / name).is_file() for name in CHECKPOINT_FILES):
             found.append((int(m.group(1)), p))
     return [p for _, p in sorted(found)]
 

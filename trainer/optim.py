@@ -32,7 +32,9 @@ with world_size > 1 switches it on):
   matrices are all-gathered.
 All reductions are launched before any compute, and every gather right after
 its update, so communication overlaps computation. Optimizer state is
-sharded: `shard_state()` returns exactly this rank's part.
+sharded: `shard_state()` returns exactly this rank's part, and
+`load_resharded_state()` loads the parts saved by any number of ranks into
+this run's layout (resume on another number of GPUs).
 """
 
 from __future__ import annotations
@@ -273,22 +275,91 @@ class MuonAdamW(torch.optim.Optimizer):
         saved_world = int(tensors["world_size"]) if "world_size" in tensors else None
         if saved_world is not None and saved_world != world:
             raise ValueError(f"optimizer state was saved by a run with {saved_world} ranks, this run has {world}: "
-                             "the state is sharded per rank, so resume with the same number of ranks")
+                             "give every rank's shard to load_resharded_state to load it on another number of ranks")
         if "rank" in tensors and int(tensors["rank"]) != rank:
             raise ValueError(f"optimizer state of rank {int(tensors['rank'])} was given to rank {rank}; load optim_rank{rank}")
         layout = self._layout(world, rank)
-        given = set(tensors) - {"world_size", "rank"}
-        missing, unexpected = sorted(set(layout) - given), sorted(given - set(layout))
-        wrong = [f"{n}: saved {tuple(tensors[n].shape)}, expected {layout[n][2]}"
-                 for n in sorted(given & set(layout)) if tuple(tensors[n].shape) != layout[n][2]]
-        if missing or unexpected or wrong:
-            raise ValueError("optimizer state does not fit this model/optimizer"
-                             + (f"; missing {missing[:4]}" if missing else "")
-                             + (f"; unexpected {unexpected[:4]}" if unexpected else "")
-                             + (f"; wrong shapes {wrong[:4]}" if wrong else "")
-                             + " (was it saved with a different depth, vocabulary or number of ranks?)")
+        _check_fits({n: tuple(t.shape) for n, t in tensors.items() if n not in ("world_size", "rank")}, layout)
         for name, (p, key, _) in layout.items():
             self.state[p][key] = tensors[name].detach().to(device=p.device, dtype=torch.float32).clone()
+
+    def load_resharded_state(self, shards: list):
+        """Load the state that a run on len(shards) ranks saved into this rank's share of this run's layout.
+
+        shards[r] is rank r's shard_state(): a dict, or an open safetensors file (safe_open), from which only
+        the rows and matrices this rank owns are read. Where state lives is the only thing that depends on
+        the number of ranks: an AdamW moment is rows of the whole moment (or a replicated copy), a Muon
+        momentum belongs to one matrix, step counters are equal everywhere. So the result is exactly the
+        state this run's ranks would hold had they trained from the start.
+        """
+        saved_world = len(shards)
+        world, rank = _world()
+        for r, shard in enumerate(shards):
+            tags = {k: int(_read(shard, k)) for k in ("world_size", "rank") if k in shard.keys()}
+            if tags.get("world_size", saved_world) != saved_world or tags.get("rank", r) != r:
+                raise ValueError(f"optimizer shard {r} of {saved_world} says it is rank {tags.get('rank')} of "
+                                 f"{tags.get('world_size')}; pass optim_rank0 .. optim_rank{saved_world - 1} of one checkpoint, in order")
+            _check_fits({n: _shape(shard, n) for n in shard.keys() if n not in ("world_size", "rank")},
+                        self._layout(saved_world, r), f"optimizer shard of rank {r}")
+        out = {"world_size": torch.tensor(world, dtype=torch.int64), "rank": torch.tensor(rank, dtype=torch.int64)}
+        for group in self.param_groups:
+            if group["kind"] == "adamw":
+                for p, name in zip(group["params"], group["names"]):
+                    rows = self._adamw_rows(p, world, rank)
+                    for key in ("exp_avg", "exp_avg_sq"):
+                        out[f"adamw.{name}.{key}"] = self._read_adamw_rows(shards, f"adamw.{name}.{key}", p, rows)
+                    out[f"adamw.{name}.step"] = _read(shards[0], f"adamw.{name}.step")
+            else:
+                n = len(group["params"])
+                saved_per_rank = self._muon_block(n, saved_world, 0)[0]
+                _, start, owned = self._muon_block(n, world, rank)
+                for i in range(start, start + owned):  # matrix i lived on the rank whose block holds it
+                    key = f"muon.{group['names'][i]}.momentum_buffer"
+                    out[key] = _read(shards[i // saved_per_rank], key)
+        self.load_shard_state(out)
+
+    def _adamw_rows(self, p, world: int, rank: int) -> tuple[int, int]:
+        """The rows [a, b) of p's AdamW moments that `rank` of `world` holds."""
+        if not self._adamw_sliced(p, world):
+            return 0, p.size(0)
+        n = p.size(0) // world
+        return rank * n, (rank + 1) * n
+
+    def _read_adamw_rows(self, shards: list, key: str, p, rows: tuple[int, int]) -> torch.Tensor:
+        """Rows [a, b) of a whole AdamW moment, put together from the shards that hold them."""
+        saved_world = len(shards)
+        a, b = rows
+        if not self._adamw_sliced(p, saved_world):  # every rank held it whole: rank 0's copy will do
+            return _read(shards[0], key, rows)
+        n = p.size(0) // saved_world
+        parts = [_read(shards[q], key, (max(a, q * n) - q * n, min(b, (q + 1) * n) - q * n))
+                 for q in range(a // n, -(-b // n))]
+        return torch.cat(parts)
+
+
+def _read(shard, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+    """A saved tensor, or its rows [a, b): from a dict, or from a safe_open file without reading the rest."""
+    if isinstance(shard, dict):
+        t = shard[name]
+        return t if rows is None else t[rows[0]:rows[1]]
+    return shard.get_tensor(name) if rows is None else shard.get_slice(name)[rows[0]:rows[1]]
+
+
+def _shape(shard, name: str) -> tuple[int, ...]:
+    return tuple(shard[name].shape) if isinstance(shard, dict) else tuple(shard.get_slice(name).get_shape())
+
+
+def _check_fits(shapes: dict[str, tuple], layout: dict, what: str = "optimizer state"):
+    """Refuse state whose names or shapes are not those of `layout`, saying what differs."""
+    missing, unexpected = sorted(set(layout) - set(shapes)), sorted(set(shapes) - set(layout))
+    wrong = [f"{n}: saved {shapes[n]}, expected {layout[n][2]}"
+             for n in sorted(shapes.keys() & layout.keys()) if shapes[n] != layout[n][2]]
+    if missing or unexpected or wrong:
+        raise ValueError(f"{what} does not fit this model/optimizer"
+                         + (f"; missing {missing[:4]}" if missing else "")
+                         + (f"; unexpected {unexpected[:4]}" if unexpected else "")
+                         + (f"; wrong shapes {wrong[:4]}" if wrong else "")
+                         + " (was it saved with a different depth, vocabulary or number of ranks?)")
 
 
 def build_optimizer(model, *, matrix_lr: float = 0.02, embedding_lr: float = 0.2, unembedding_lr: float = 0.004,
