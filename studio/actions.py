@@ -3,6 +3,7 @@
     run = create_run("tiny", {"vocab_size": "4096"})   # validate, make runs/<id>/, write config.json
     enqueue_run(run)                                   # the django-q2 worker calls execute_run
     execute_run(run, on_event=print)                   # or run it here, in the foreground
+    adopt_run(run)      # take over a running run whose supervisor died while its stage still runs
     pause_run(run)      # from any process: DB flags the supervisor polls. Pause: the stage saves and exits
     cancel_run(run)     # cancel: SIGTERM, NANOSTUDIO_CANCEL_GRACE seconds, SIGKILL
     kill_run(run)       # kill: SIGKILL now (the last resort)
@@ -17,7 +18,9 @@ The supervisor (the queue worker or `runjob`) follows events.jsonl while the
 stage runs, stores new events as RunEvent rows and polls the run's
 cancel_requested flag, which is how a click in the browser reaches a worker
 in another process. GPU stages lease their GPUs (GpuLease rows) so two runs
-on one node never share one; a stage waits for free GPUs.
+on one node never share one; a stage waits for free GPUs. A supervisor
+killed with SIGKILL leaves its stage running (own session): a new one adopts
+it (see "after a supervisor died" below) or marks the run interrupted.
 """
 
 from __future__ import annotations
@@ -148,18 +151,30 @@ def execute_run(
         report.capture_environment(run.run_dir)
     except Exception:  # a report detail must never stop a training run
         log.exception("run %s: could not record the environment", run.id)
+    return _supervise(run, on_event, stop_check, on_stage)
 
+
+def _supervise(run: Run, on_event, stop_check, on_stage, adopted: StageRun | None = None) -> Run:
+    """The stage loop of execute_run and adopt_run: this process is the run's supervisor.
+
+    `adopted` is a stage already running (started by a supervisor that died):
+    it is followed instead of started, and the stages after it run as usual.
+    """
     commands = {cmd.name: cmd for cmd in config.stage_commands(run.config, str(run.run_dir))}
     outcome, error = Run.Status.DONE, ""
     try:
         for stage in run.stages.order_by("order"):
             if stage.status == StageRun.Status.DONE:
                 continue
-            request = _stop_requested(run, stop_check)
-            if request:
-                outcome, error = _stopped_outcome(request, f"before {stage.name}")
-                break
-            status = _run_stage(run, stage, commands.get(stage.name), on_event, on_stage, stop_check)
+            if adopted is not None and stage.pk == adopted.pk:
+                # Running already: a stop request is the follower's to carry out (signals).
+                status = _adopt_stage(run, stage, on_event, on_stage, stop_check)
+            else:
+                request = _stop_requested(run, stop_check)
+                if request:
+                    outcome, error = _stopped_outcome(request, f"before {stage.name}")
+                    break
+                status = _run_stage(run, stage, commands.get(stage.name), on_event, on_stage, stop_check)
             _write_report(run)
             if status == StageRun.Status.CANCELLED:
                 killed = Run.objects.filter(pk=run.pk, kill_requested=True).exists()
@@ -169,7 +184,7 @@ def execute_run(
                 outcome, error = Run.Status.PAUSED, ""
                 break
             if status == StageRun.Status.FAILED:
-                outcome, error = Run.Status.FAILED, _failure_message(run, stage)
+                outcome, error = Run.Status.FAILED, _failure_message(run, stage, adopted=stage.pk == getattr(adopted, "pk", None))
                 break
     except KeyboardInterrupt:
         outcome, error = Run.Status.CANCELLED, "interrupted (Ctrl-C or SIGTERM to the supervisor)"
@@ -237,28 +252,46 @@ def _run_process(run, stage, env, log_path, on_event, on_stage, stop_check) -> s
             log_file.write(f"# could not start: {e}\n".encode())
             return _finish_stage(stage, StageRun.Status.FAILED, None, on_stage)
 
-    handled = ""  # the strongest stop request acted upon so far
-    pause_deadline = None
     try:
-        stage.pid, stage.status, stage.note = proc.pid, StageRun.Status.RUNNING, ""
-        stage.save(update_fields=["argv", "pid", "status", "started_at", "note", "gpus"])
+        # The token (pid + start time) lets a later supervisor tell this
+        # process from another that got its pid, before adopting or signalling it.
+        stage.pid, stage.token, stage.status, stage.note = proc.pid, process_token(proc.pid), StageRun.Status.RUNNING, ""
+        stage.save(update_fields=["argv", "pid", "token", "status", "started_at", "note", "gpus"])
         _notify(run)
         if on_stage:
             on_stage(stage)
+    except BaseException:
+        code = terminate_process_group(proc, settings.NANOSTUDIO_CANCEL_GRACE)
+        _finish_stage(stage, StageRun.Status.FAILED, code, on_stage)
+        raise
+    return _watch(run, stage, proc, on_event, on_stage, stop_check)
+
+
+def _watch(run, stage, proc, on_event, on_stage, stop_check) -> str:
+    """Follow a running stage to its end (events, stop requests); return its final status.
+
+    `proc` is the subprocess.Popen of a stage this process started, or an
+    _AdoptedProcess for one a previous supervisor started.
+    """
+    adopted = isinstance(proc, _AdoptedProcess)
+    handled = ""  # the strongest stop request acted upon so far
+    pause_deadline = None
+    try:
         while True:
             try:
-                code = proc.wait(timeout=POLL_SECONDS)
+                proc.wait(timeout=POLL_SECONDS)
+                ended = True
             except subprocess.TimeoutExpired:
-                code = None
+                ended = False
             request = _follow(run, on_event, stop_check)
-            if code is not None:
+            if ended:
                 break
             if request == KILL and handled != KILL:
                 handled = KILL
                 signal_process_group(proc.pid, signal.SIGKILL)
             elif request == CANCEL and handled not in (KILL, CANCEL):
                 handled = CANCEL
-                code = terminate_process_group(proc, settings.NANOSTUDIO_CANCEL_GRACE)
+                terminate_process_group(proc, settings.NANOSTUDIO_CANCEL_GRACE)
                 break
             elif request == PAUSE and not handled:
                 # The stage finishes its step, saves a checkpoint and exits (75);
@@ -273,10 +306,18 @@ def _run_process(run, stage, env, log_path, on_event, on_stage, stop_check) -> s
     except BaseException as e:
         code = terminate_process_group(proc, settings.NANOSTUDIO_CANCEL_GRACE)
         status = StageRun.Status.CANCELLED if isinstance(e, KeyboardInterrupt) else StageRun.Status.FAILED
-        _finish_stage(stage, status, code, on_stage)
+        _finish_stage(stage, status, None if adopted else code, on_stage)
         raise
     _kill_leftovers(proc.pid)
     late = _follow(run, on_event, stop_check)
+    # An adopted stage is not our child, so its exit code is unknown: its
+    # stage_end event (read after the last events are in) stands in for it.
+    code = proc.returncode
+    note = ""
+    if adopted:
+        end = _attempt_end(run, stage)
+        note = (f"the adopted stage ended; its stage_end event says {end.get('status')!r}" if end else
+                "the adopted stage ended without a stage_end event") + " (its exit code is unknown: not our child)"
     # A stage that ends badly just as the run is stopped (it may have been
     # signalled from outside, e.g. by a person) counts as stopped, not failed.
     if not handled and code != 0 and late:
@@ -289,7 +330,7 @@ def _run_process(run, stage, env, log_path, on_event, on_stage, stop_check) -> s
         status = StageRun.Status.PAUSED
     else:
         status = StageRun.Status.FAILED
-    return _finish_stage(stage, status, code, on_stage)
+    return _finish_stage(stage, status, None if adopted else code, on_stage, note=note)
 
 
 def _append_log(stage: StageRun, note: str) -> None:
@@ -335,9 +376,15 @@ def _write_report(run: Run) -> None:
         log.exception("run %s: could not write report.md", run.id)
 
 
-def _failure_message(run: Run, stage: StageRun) -> str:
+def _failure_message(run: Run, stage: StageRun, adopted: bool = False) -> str:
     code = stage.exit_code
-    how = f"exit code {code}" if code is None or code >= 0 else f"killed by {signal.Signals(-code).name}"
+    if adopted:
+        end = _attempt_end(run, stage)
+        how = (f"its stage_end event says {end.get('status')!r}" if end else
+               "it ended without a stage_end event: killed or crashed") + (
+            "; it was adopted after its supervisor stopped, so its exit code is unknown")
+    else:
+        how = f"exit code {code}" if code is None or code >= 0 else f"killed by {signal.Signals(-code).name}"
     message = f"stage {stage.name} failed ({how})"
     last_error = run.events.filter(stage=stage.name, kind="error").order_by("-seq").first()
     if last_error and last_error.data.get("message"):
@@ -400,7 +447,7 @@ def lease_gpus(run: Run, stage: StageRun, n: int, stop_check=None) -> list[int] 
     waiting = False
     while True:
         for lease in GpuLease.objects.filter(host=host).exclude(holder_token=token):
-            if not token_alive(lease.holder_token):
+            if not token_alive(lease.holder_token) and not _stage_still_running(lease):
                 log.warning("taking over GPU %s from %s (its supervisor is gone)", lease.index, lease.run_id)
                 lease.delete()
         held = dict(GpuLease.objects.filter(host=host).values_list("index", "run_id"))
@@ -427,6 +474,14 @@ def lease_gpus(run: Run, stage: StageRun, n: int, stop_check=None) -> list[int] 
         if _stop_requested(run, stop_check):
             return None
         time.sleep(POLL_SECONDS)
+
+
+def _stage_still_running(lease: GpuLease) -> bool:
+    # A supervisor killed with SIGKILL leaves its stage training on the GPUs
+    # until a new supervisor adopts it (or it ends): they are not free yet.
+    tokens = StageRun.objects.filter(run_id=lease.run_id, name=lease.stage, status=StageRun.Status.RUNNING).exclude(
+        token="").values_list("token", flat=True)
+    return any(process_running(t) for t in tokens)
 
 
 def release_gpus(run: Run, stage: StageRun) -> None:
@@ -587,7 +642,7 @@ def _request_stop(run: Run, how: str) -> Run:
                 # Nobody polls the flags: signal the stage ourselves and record the outcome.
                 sig = signal.SIGKILL if how == KILL else signal.SIGTERM
                 for stage in run.stages.filter(status=StageRun.Status.RUNNING, pid__isnull=False):
-                    signal_process_group(stage.pid, sig)
+                    _signal_stage(stage, sig)
                 outcome = Run.Status.PAUSED if how == PAUSE else Run.Status.CANCELLED
                 _abandon(run, outcome, "" if how == PAUSE else f"{how} (its supervisor was no longer running)")
     run.refresh_from_db()
@@ -603,13 +658,13 @@ def resume_run(run: Run, enqueue: bool = True) -> Run:
     """
     with transaction.atomic():
         if not Run.objects.filter(pk=run.pk, status__in=Run.RESUMABLE).update(
-            status=Run.Status.QUEUED, error="", finished_at=None,
+            status=Run.Status.QUEUED, error="", finished_at=None, queued_at=timezone.now(),
             cancel_requested=False, kill_requested=False, pause_requested=False,
         ):
             run.refresh_from_db()
             raise ActionError(f"run {run.id} is {run.status}; only a paused, failed or cancelled run can be resumed")
         run.stages.exclude(status=StageRun.Status.DONE).update(
-            status=StageRun.Status.QUEUED, exit_code=None, pid=None, finished_at=None, note="")
+            status=StageRun.Status.QUEUED, exit_code=None, pid=None, token="", finished_at=None, note="")
     run.refresh_from_db()
     with open(run.run_dir / "logs" / "studio.log", "a") as f:
         f.write(f"# {timezone.now():%Y-%m-%d %H:%M:%S} UTC resumed\n")
@@ -640,38 +695,216 @@ def _supervisor_gone(run: Run) -> bool:
     return not pid_alive(run.supervisor_pid)
 
 
-def reap_orphaned_runs() -> list[Run]:
-    """Fail runs marked running on this host whose supervisor process is gone.
+# --- after a supervisor died: adopt or reap ---------------------------------------------------
+#
+# A queue worker or `runjob` killed with SIGKILL (or a reboot) cannot record
+# its run's end: the run stays "running" with a supervisor that is gone. Its
+# stage runs in its own session, so it survives the kill and goes on
+# training. A new supervisor (a queue worker as it starts, or before its next
+# task; `runjob --resume`) then either adopts the run, when the stage's
+# process is still the one that was started (pid *and* start time, so a
+# reused pid never counts) or ended with stage_end "done", or else marks it
+# failed (interrupted, resumable from its last checkpoint).
+
+
+class RunNotOrphaned(Exception):
+    """adopt_run was asked to take over a run that has a live supervisor, or nothing to follow."""
+
+
+# What a stage's stage_end status means, as the exit code a supervisor would have
+# seen (an adopted stage is not our child: no waitpid, no exit code).
+STAGE_END_CODES = {"done": 0, "failed": 1, "interrupted": 75, "cancelled": 130}
+
+
+def orphaned_runs() -> list[Run]:
+    """Runs marked running on this host whose supervisor process is gone, oldest first."""
+    runs = Run.objects.filter(status=Run.Status.RUNNING, supervisor_host=socket.gethostname()).order_by("created_at")
+    return [run for run in runs if _supervisor_gone(run)]
+
+
+def adoptable_stage(run: Run) -> StageRun | None:
+    """The stage a new supervisor can follow for an orphaned run, or None.
+
+    Its process must still be the very one that was started (token: boot id,
+    pid and start time), or it must have ended with stage_end "done" (its
+    work is kept and the run goes on). A run orphaned between stages, a stage
+    recorded without a token, or one that died any other way is not
+    adoptable: it is reaped.
+    """
+    stage = run.stages.filter(status=StageRun.Status.RUNNING).order_by("order").first()
+    if stage is None or not stage.pid or not stage.token or _token_pid(stage.token) != stage.pid:
+        return None
+    if process_running(stage.token):
+        return stage
+    # It ended while nobody watched (a zombie of ours counts as ended).
+    end = _attempt_end(run, stage)
+    return stage if end and end.get("status") == "done" else None
+
+
+def adopt_run(
+    run: Run,
+    on_event: Callable[[dict], None] | None = None,
+    stop_check: Callable[[], bool] | None = None,
+    on_stage: Callable[[StageRun], None] | None = None,
+) -> Run:
+    """Become the supervisor of an orphaned run and see it to its end, like execute_run.
+
+    The running stage is followed where the dead supervisor left it (events
+    from the stored offset, cancel/pause/kill through signals to its process
+    group, its end detected by polling since it is not our child); then the
+    remaining stages run as usual. Raises RunNotOrphaned when the run has a
+    live supervisor (e.g. another worker adopted it first) or nothing to adopt.
+    """
+    run.refresh_from_db()
+    if run.status != Run.Status.RUNNING or not _supervisor_gone(run):
+        raise RunNotOrphaned(f"run {run.id} is {run.status} with a live supervisor")
+    stage = adoptable_stage(run)
+    if stage is None:
+        raise RunNotOrphaned(f"run {run.id}: no running stage to adopt")
+    me = process_token()
+    # Only one new supervisor can win: the UPDATE matches the dead one's identity.
+    claimed = Run.objects.filter(pk=run.pk, status=Run.Status.RUNNING, supervisor_host=run.supervisor_host,
+                                 supervisor_pid=run.supervisor_pid, supervisor_token=run.supervisor_token).update(
+        supervisor_pid=os.getpid(), supervisor_host=socket.gethostname(), supervisor_token=me)
+    if not claimed:
+        raise RunNotOrphaned(f"run {run.id} was taken over by another supervisor")
+    previous = run.supervisor_pid
+    # The stage's GPUs stay its own: leases follow the supervisor.
+    GpuLease.objects.filter(run=run, stage=stage.name).update(holder_token=me)
+    run.refresh_from_db()
+    note = (f"{timezone.now():%Y-%m-%d %H:%M:%S} UTC adopted by the supervisor pid {os.getpid()} on "
+            f"{socket.gethostname()}: the previous one (pid {previous}) stopped while this stage ran")
+    _append_log(stage, note)
+    log.warning("run %s: %s (stage %s, pid %s)", run.id, note, stage.name, stage.pid)
+    _notify(run)
+    return _supervise(run, on_event, stop_check, on_stage, adopted=stage)
+
+
+def adopt_orphaned_runs(**callbacks) -> list[Run]:
+    """Adopt this host's orphaned runs one after another, each to its end; return them.
+
+    A worker calls this as it starts: with several workers starting at once,
+    each adopts a different run (adopt_run's claim), and one that finds none
+    left goes on to take tasks.
+    """
+    adopted = []
+    while True:
+        for run in orphaned_runs():
+            if adoptable_stage(run) is None:
+                continue
+            try:
+                adopted.append(adopt_run(run, **callbacks))
+            except RunNotOrphaned as e:
+                log.info("%s", e)
+                continue
+            break  # it took a while: look again
+        else:
+            return adopted
+
+
+def reap_orphaned_runs(keep_adoptable: bool = False) -> list[Run]:
+    """Mark this host's orphaned runs failed (interrupted, resumable) and stop their stages.
 
     A queue worker or `runjob` killed with SIGKILL (or a reboot) cannot record
     its run's end; call this before starting work so such runs do not stay
-    "running" forever. Their stage process groups get SIGTERM. Such a run can
-    be resumed from its last checkpoint.
+    "running" forever. Their stage process groups get SIGTERM (only when the
+    stage's process is verifiably the one that was started). With
+    keep_adoptable, runs that adopt_run can take over are left running.
     """
     reaped = []
-    for run in Run.objects.filter(status=Run.Status.RUNNING, supervisor_host=socket.gethostname()):
-        if _supervisor_gone(run):
-            for stage in run.stages.filter(status=StageRun.Status.RUNNING, pid__isnull=False):
-                signal_process_group(stage.pid, signal.SIGTERM)
-            _abandon(run, Run.Status.FAILED, f"interrupted: its supervisor (pid {run.supervisor_pid}) stopped without "
-                                             "finishing the run (killed, crashed or the machine restarted); resume it "
-                                             "to continue from its last checkpoint")
+    for run in orphaned_runs():
+        if keep_adoptable and adoptable_stage(run) is not None:
+            continue
+        for stage in run.stages.filter(status=StageRun.Status.RUNNING, pid__isnull=False):
+            _signal_stage(stage, signal.SIGTERM)
+        if _abandon(run, Run.Status.FAILED, f"interrupted: its supervisor (pid {run.supervisor_pid}) stopped without "
+                                            "finishing the run (killed, crashed or the machine restarted); resume it "
+                                            "to continue from its last checkpoint"):
             GpuLease.objects.filter(run=run).delete()
             reaped.append(run)
     return reaped
 
 
-def _abandon(run: Run, outcome: str, error: str) -> None:
+def _attempt_end(run: Run, stage: StageRun) -> dict | None:
+    """The stage_end event of the stage's current attempt (the one started at stage.started_at), if written.
+
+    Looks at the stored events and at the lines of events.jsonl not stored yet.
+    """
+    since = stage.started_at.timestamp() - 1.0 if stage.started_at else 0.0  # 1 s: the stage stamps after we do
+    stored = [dict(e.data, seq=e.seq) for e in run.events.filter(stage=stage.name, kind__in=("stage_start", "stage_end"))
+              .order_by("seq")]
+    run_offset = Run.objects.filter(pk=run.pk).values_list("events_offset", "events_seq").first() or (0, 0)
+    fresh, _, _ = tail_events(run.run_dir, *run_offset)
+    last = None
+    for event in [*stored, *fresh]:
+        if (event.get("stage") == stage.name and event.get("kind") in ("stage_start", "stage_end")
+                and _finite(event.get("time")) and event["time"] >= since):
+            last = event
+    return last if last and last.get("kind") == "stage_end" else None
+
+
+class _AdoptedProcess:
+    """The stage process a dead supervisor started, as far as _watch needs a Popen.
+
+    It is not our child, so there is no waitpid: wait() polls whether the
+    process that the token names is still running, and returncode comes from
+    the stage's stage_end event (None when it wrote none).
+    """
+
+    def __init__(self, run: Run, stage: StageRun):
+        self.run, self.stage, self.pid, self.token = run, stage, stage.pid, stage.token
+
+    def wait(self, timeout: float | None = None):
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while process_running(self.token):
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise subprocess.TimeoutExpired(str(self.pid), timeout)
+            time.sleep(0.05 if left is None else min(0.05, left))
+        return self.returncode
+
+    @property
+    def returncode(self) -> int | None:
+        end = _attempt_end(self.run, self.stage)
+        return STAGE_END_CODES.get(end.get("status")) if end else None
+
+
+def _adopt_stage(run, stage, on_event, on_stage, stop_check) -> str:
+    try:
+        if on_stage:
+            on_stage(stage)
+        return _watch(run, stage, _AdoptedProcess(run, stage), on_event, on_stage, stop_check)
+    finally:
+        release_gpus(run, stage)
+
+
+def _signal_stage(stage: StageRun, sig: int) -> bool:
+    """Signal a stage's process group from outside its supervisor, if it is still that stage's."""
+    if not stage.pid:
+        return False
+    if stage.token and not token_alive(stage.token) and pid_alive(stage.pid):
+        return False  # its pid now belongs to another process: never signal that one
+    return signal_process_group(stage.pid, sig)
+
+
+def _abandon(run: Run, outcome: str, error: str) -> bool:
+    """Record the end of a run whose supervisor is gone; False if a new supervisor took it meanwhile."""
     stage_status = {Run.Status.CANCELLED: StageRun.Status.CANCELLED, Run.Status.PAUSED: StageRun.Status.PAUSED}.get(
         outcome, StageRun.Status.FAILED)
     now = timezone.now()
-    run.stages.filter(status=StageRun.Status.RUNNING).update(status=stage_status, finished_at=now)
-    if outcome != Run.Status.PAUSED:
-        run.stages.filter(status=StageRun.Status.QUEUED).update(
-            status=StageRun.Status.CANCELLED if outcome == Run.Status.CANCELLED else StageRun.Status.SKIPPED
-        )
-    Run.objects.filter(pk=run.pk, status=Run.Status.RUNNING).update(
-        status=outcome, error=error, finished_at=now, cancel_requested=False, kill_requested=False, pause_requested=False)
+    with transaction.atomic():
+        # Matching the dead supervisor's identity: never overwrite a run that was adopted in the meantime.
+        if not Run.objects.filter(pk=run.pk, status=Run.Status.RUNNING, supervisor_pid=run.supervisor_pid,
+                                  supervisor_token=run.supervisor_token).update(
+                status=outcome, error=error, finished_at=now, cancel_requested=False, kill_requested=False,
+                pause_requested=False):
+            return False
+        run.stages.filter(status=StageRun.Status.RUNNING).update(status=stage_status, finished_at=now)
+        if outcome != Run.Status.PAUSED:
+            run.stages.filter(status=StageRun.Status.QUEUED).update(
+                status=StageRun.Status.CANCELLED if outcome == Run.Status.CANCELLED else StageRun.Status.SKIPPED
+            )
+    return True
 
 
 # --- processes -------------------------------------------------------------------------------
@@ -684,15 +917,30 @@ def process_token(pid: int | None = None) -> str:
 
 
 def token_alive(token: str) -> bool:
-    """Is the process a process_token() names still running?"""
-    try:
-        boot, pid, start = token.rsplit(":", 2)
-        pid = int(pid)
-    except ValueError:
+    """Is the process a process_token() names still there (a zombie counts)?"""
+    pid = _token_pid(token)
+    if pid is None:
         return False
+    boot, _, start = token.rsplit(":", 2)
     if boot != _boot_id() or not pid_alive(pid):
         return False
     return start == _start_time(pid)
+
+
+def process_running(token: str) -> bool:
+    """Is the process a process_token() names still running: there, and not a zombie?
+
+    A stage whose supervisor died is nobody's child to reap; in a container
+    whose init does not reap orphans it may stay a zombie forever.
+    """
+    return token_alive(token) and _stat_fields(_token_pid(token))[:1] not in (["Z"], ["X"], [])
+
+
+def _token_pid(token: str) -> int | None:
+    try:
+        return int(token.rsplit(":", 2)[1])
+    except (ValueError, IndexError):
+        return None
 
 
 @lru_cache(maxsize=1)
@@ -703,12 +951,27 @@ def _boot_id() -> str:
         return ""
 
 
-def _start_time(pid: int) -> str:
+def _stat_fields(pid: int) -> list[str]:
+    """Fields 3.. of /proc/<pid>/stat (state, ppid, pgrp, ...), [] if the process is gone."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
-        return ""
-    return stat[stat.rfind(")") + 2 :].split()[19]  # field 22: start time in clock ticks since boot
+        return []
+    return stat[stat.rfind(")") + 2 :].split()  # the command name (field 2) may hold spaces
+
+
+def _start_time(pid: int) -> str:
+    fields = _stat_fields(pid)
+    return fields[19] if len(fields) > 19 else ""  # field 22: start time in clock ticks since boot
+
+
+def process_started_at(pid: int) -> float | None:
+    """Unix time at which process `pid` started (to ~10 ms), None if it is gone."""
+    ticks = _start_time(pid)
+    if not ticks:
+        return None
+    # Start times count from boot, CLOCK_BOOTTIME's zero.
+    return time.time() - time.clock_gettime(time.CLOCK_BOOTTIME) + int(ticks) / os.sysconf("SC_CLK_TCK")
 
 
 def terminate_process_group(proc: subprocess.Popen, grace: float) -> int:

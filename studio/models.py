@@ -89,6 +89,10 @@ class Run(models.Model):
     # boot id + pid + process start time: a pid reused after a reboot or by
     # another process is not mistaken for the supervisor.
     supervisor_token = models.CharField(max_length=128, blank=True)
+    # When the run last became queued (created, resumed or handed to the queue
+    # again): a queued run that no worker will deliver is re-enqueued when a
+    # worker starts, but never one queued a moment ago, whose task is on its way.
+    queued_at = models.DateTimeField(default=timezone.now)
     # Byte offset into events.jsonl up to which events are stored as RunEvent
     # rows, and the number of lines before it (= the last stored seq).
     events_offset = models.BigIntegerField(default=0)
@@ -173,6 +177,10 @@ class StageRun(models.Model):
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.QUEUED)
     argv = models.JSONField(default=list, blank=True, help_text="The command line, as run.")
     pid = models.IntegerField(null=True, blank=True, help_text="Process (and process group) id of the stage.")
+    token = models.CharField(
+        max_length=128, blank=True,
+        help_text="boot id:pid:start time of the stage's process, so a reused pid is never taken for it.",
+    )
     note = models.CharField(max_length=255, blank=True, help_text="What it waits for, e.g. free GPUs.")
     gpus = models.CharField(max_length=255, blank=True, help_text="CUDA_VISIBLE_DEVICES it ran with.")
     exit_code = models.IntegerField(null=True, blank=True)

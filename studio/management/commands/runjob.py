@@ -3,6 +3,7 @@
     python manage.py runjob tiny
     python manage.py runjob speedrun --set depth=12 --gpus 1 --name "d12 on one GPU"
     python manage.py runjob --resume 20261124-101500-3fa9c1      # continue a paused/failed/cancelled run
+                                                                 # (or take over one whose supervisor was killed)
 
 The run is recorded in the database and in runs/<id>/ like a run started from
 the web, so the dashboard shows it. Exit status: 0 done, 1 failed,
@@ -65,17 +66,22 @@ class Command(BaseCommand):
 
     def _run(self, preset, overrides, name, runs_dir, resume, user):
         self._migrate_if_needed()
-        actions.reap_orphaned_runs()
+        # Runs whose supervisor died while their stage goes on are left for a
+        # queue worker (or `runjob --resume`) to adopt; the others are marked.
+        actions.reap_orphaned_runs(keep_adoptable=True)
         owner = self._user(user) if user else None
+        adopt = False
         if resume:
             run = Run.objects.filter(pk=resume).first()
             if run is None:
                 raise CommandError(f"no run {resume!r}; `python manage.py shell -c \"from studio.models import Run; "
                                    f"print(*Run.objects.values_list('id', 'status'))\"` lists them", returncode=2)
-            try:
-                run = actions.resume_run(run, enqueue=False)
-            except actions.ActionError as e:
-                raise CommandError(str(e), returncode=2) from None
+            adopt = run.status == Run.Status.RUNNING and run in actions.orphaned_runs()
+            if not adopt:
+                try:
+                    run = actions.resume_run(run, enqueue=False)
+                except actions.ActionError as e:
+                    raise CommandError(str(e), returncode=2) from None
         else:
             try:
                 run = actions.create_run(preset, config.parse_overrides(overrides), name=name, runs_dir=runs_dir, owner=owner)
@@ -91,7 +97,14 @@ class Command(BaseCommand):
         # would stop it, and nobody would be left to record how it ended.
         previous = {sig: signal.signal(sig, _raise_keyboard_interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
         try:
-            run = actions.execute_run(run, on_event=self._on_event, on_stage=self._on_stage)
+            if adopt:
+                self._say(f"its supervisor (pid {run.supervisor_pid}) is gone while its stage runs: following it from here")
+                run = actions.adopt_run(run, on_event=self._on_event, on_stage=self._on_stage)
+            else:
+                run = actions.execute_run(run, on_event=self._on_event, on_stage=self._on_stage)
+        except (actions.RunNotQueued, actions.RunNotOrphaned) as e:
+            raise CommandError(f"{e}: another supervisor (a queue worker?) took it first; follow it on the dashboard",
+                               returncode=1) from None
         except KeyboardInterrupt:
             run.refresh_from_db()
             self._summary(run)
