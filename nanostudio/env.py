@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import secrets
+import stat
+import warnings
 from pathlib import Path
 
 import dj_database_url
@@ -112,3 +114,44 @@ def plotly_js_dir() -> Path:
 
     spec = importlib.util.find_spec("plotly")
     return Path(spec.origin).parent / "package_data"
+
+
+def umask_from_env(env=None) -> int:
+    """NANOSTUDIO_UMASK as a number: an octal mask such as 077 (the default) or 027."""
+    env = os.environ if env is None else env
+    value = env.get("NANOSTUDIO_UMASK", "").strip() or "077"
+    try:
+        mask = int(value, 8)
+    except ValueError:
+        mask = -1
+    if not 0 <= mask <= 0o777:
+        raise ValueError(f"NANOSTUDIO_UMASK={value!r}: expected an octal mask such as 077 (owner only) or 027")
+    return mask
+
+
+def restrict_mode(path: Path, umask: int) -> bool:
+    """Take the bits `umask` forbids off an existing file or folder (made before the umask was set).
+
+    Returns True when the mode changed. A path owned by someone else is left
+    alone with a warning: start-up must not fail over it.
+    """
+    try:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    if not mode & umask:
+        return False
+    try:
+        os.chmod(path, mode & ~umask)
+    except OSError as e:
+        warnings.warn(f"could not make {path} private (mode {mode:o}): {e}", RuntimeWarning, stacklevel=2)
+        return False
+    return True
+
+
+def sqlite_files(db: dict) -> list[Path]:
+    """The files of an SQLite database (the database, its WAL, shared memory and journal); [] for others."""
+    name = str(db.get("NAME") or "")
+    if db.get("ENGINE") != "django.db.backends.sqlite3" or not os.path.isabs(name):
+        return []  # in-memory and file: URIs have no path of ours to guard
+    return [Path(name + suffix) for suffix in ("", "-wal", "-shm", "-journal")]

@@ -30,15 +30,40 @@ REDIS_URL to scale out (PostgreSQL, Redis). Variables:
                           chat limits: characters per message (8000), user turns per branch (100),
                           characters per branch (100000), tokens per answer (2048)
     LOG_LEVEL             console log level (default INFO)
+    NANOSTUDIO_UMASK      umask of the studio's processes and the stages they start (default 077:
+                          the database, secret key and run folders are readable by their owner only;
+                          027 lets the owner's group read them)
+    NANOSTUDIO_LOGIN_FAILURE_LIMIT   wrong passwords for one username from one IP address before
+                          logins for it are refused (default 5)
+    NANOSTUDIO_LOGIN_LOCKOUT_MINUTES how long such a lockout lasts, counted from the last attempt (default 15);
+                          `manage.py axes_reset` lifts every lockout at once
+    EMAIL_HOST, EMAIL_PORT, EMAIL_HOST_USER, EMAIL_HOST_PASSWORD, EMAIL_USE_TLS, DEFAULT_FROM_EMAIL
+                          outgoing mail; the password-reset pages exist only when EMAIL_HOST
+                          or EMAIL_BACKEND is set
+    EMAIL_BACKEND         e.g. django.core.mail.backends.console.EmailBackend to print mails instead
 """
 
 from __future__ import annotations
 
 import os
 import warnings
+from datetime import timedelta
 from pathlib import Path
 
-from nanostudio.env import database_config, envbool, envint, envlist, load_or_create_secret_key, plotly_js_dir
+import django
+
+from nanostudio.env import (
+    database_config, envbool, envint, envlist, load_or_create_secret_key, plotly_js_dir, restrict_mode, sqlite_files,
+    umask_from_env,
+)
+
+# Set first, before anything below creates a file. A GPU node is shared: with
+# the usual 022, any local user (the code sandbox's uid among them) could read
+# the SQLite file (password hashes, sessions), the secret key and every run's
+# checkpoints and logs. Every process that loads these settings (daphne,
+# qcluster, runjob, manage.py) and every stage it starts inherits the mask.
+NANOSTUDIO_UMASK = umask_from_env()
+os.umask(NANOSTUDIO_UMASK)
 
 BASE_DIR = Path(__file__).resolve().parent.parent  # the repository root
 NANOSTUDIO_HOME = Path(os.environ.get("NANOSTUDIO_HOME") or BASE_DIR).resolve()
@@ -65,6 +90,7 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "channels",
     "django_q",
+    "axes",  # login throttling, see AXES_* below
     "studio",
 ]
 
@@ -79,6 +105,11 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.LoginRequiredMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    # Django 6 has the Content-Security-Policy middleware built in; 5.2 (the LTS for Python 3.10/3.11) uses ours.
+    "django.middleware.csp.ContentSecurityPolicyMiddleware" if django.VERSION >= (6,)
+    else "nanostudio.security.ContentSecurityPolicyMiddleware",
+    # Last, as django-axes asks: it turns a lockout noticed during the login into the lockout page.
+    "axes.middleware.AxesMiddleware",
 ]
 
 ROOT_URLCONF = "nanostudio.urls"
@@ -101,6 +132,11 @@ TEMPLATES = [
 ]
 
 DATABASES = {"default": database_config(default_sqlite=NANOSTUDIO_HOME / "db.sqlite3")}
+# Files and folders made before the umask above (an older install) lose their
+# group/other bits at start-up; new ones are created private. SQLite gives its
+# -wal/-shm/-journal files the database file's mode.
+for _path in [*sqlite_files(DATABASES["default"]), NANOSTUDIO_RUNS_DIR]:
+    restrict_mode(_path, NANOSTUDIO_UMASK)
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 AUTH_PASSWORD_VALIDATORS = [
@@ -113,6 +149,35 @@ AUTH_PASSWORD_VALIDATORS = [
 LOGIN_URL = "login"
 LOGIN_REDIRECT_URL = "studio:dashboard"
 LOGOUT_REDIRECT_URL = "login"
+
+# Login throttling (django-axes): after NANOSTUDIO_LOGIN_FAILURE_LIMIT wrong
+# passwords for one username from one IP address, that pair is refused for
+# NANOSTUDIO_LOGIN_LOCKOUT_MINUTES, counted from its last attempt. Keyed on the
+# pair so that one mistyping person locks neither their colleagues nor
+# themselves from another machine. Sessions (force_login, WebSockets) are
+# unaffected: only authenticate() is guarded, and it needs the request.
+AUTHENTICATION_BACKENDS = [
+    "axes.backends.AxesStandaloneBackend",  # first: refuses a locked-out pair before any password is checked
+    "django.contrib.auth.backends.ModelBackend",
+]
+AXES_FAILURE_LIMIT = envint("NANOSTUDIO_LOGIN_FAILURE_LIMIT", 5)
+AXES_COOLOFF_TIME = timedelta(minutes=envint("NANOSTUDIO_LOGIN_LOCKOUT_MINUTES", 15))
+AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
+AXES_RESET_ON_SUCCESS = True  # a correct password clears the pair's earlier mistakes
+AXES_LOCKOUT_CALLABLE = "nanostudio.security.login_locked_out"  # the login page, saying why (HTTP 429)
+AXES_VERBOSE = False  # no start-up banner in every manage.py command; failures are still logged
+
+# Outgoing mail. Password reset mails a link; without a configured mail server
+# Django would try localhost:25, so the reset pages are only mounted (see
+# urls.py) when EMAIL_HOST or EMAIL_BACKEND is set.
+EMAIL_BACKEND = os.environ.get("EMAIL_BACKEND", "").strip() or "django.core.mail.backends.smtp.EmailBackend"
+EMAIL_HOST = os.environ.get("EMAIL_HOST", "").strip() or "localhost"
+EMAIL_PORT = envint("EMAIL_PORT", 25)
+EMAIL_HOST_USER = os.environ.get("EMAIL_HOST_USER", "")
+EMAIL_HOST_PASSWORD = os.environ.get("EMAIL_HOST_PASSWORD", "")
+EMAIL_USE_TLS = envbool("EMAIL_USE_TLS", False)
+DEFAULT_FROM_EMAIL = os.environ.get("DEFAULT_FROM_EMAIL", "").strip() or "nanostudio@localhost"
+PASSWORD_RESET_ENABLED = bool(os.environ.get("EMAIL_HOST", "").strip() or os.environ.get("EMAIL_BACKEND", "").strip())
 
 LANGUAGE_CODE = "en-us"
 TIME_ZONE = os.environ.get("TIME_ZONE", "UTC")
@@ -127,6 +192,13 @@ STATIC_URL = "static/"
 # plotly.js comes from the plotly Python package (no CDN: GPU nodes are often offline).
 STATICFILES_DIRS = [BASE_DIR / "static", ("plotly", plotly_js_dir())]
 STATIC_ROOT = NANOSTUDIO_HOME / "staticfiles"
+STORAGES = {
+    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    # Static files are public (a proxy in front may serve STATIC_ROOT as another
+    # user): collected world-readable despite the private umask.
+    "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage",
+                    "OPTIONS": {"file_permissions_mode": 0o644, "directory_permissions_mode": 0o755}},
+}
 WHITENOISE_USE_FINDERS = True
 WHITENOISE_AUTOREFRESH = DEBUG
 # Until someone runs collectstatic, STATIC_ROOT does not exist; with the
@@ -150,6 +222,30 @@ if HTTPS:
 SECURE_HSTS_SECONDS = envint("SECURE_HSTS_SECONDS", 0)
 SECURE_HSTS_INCLUDE_SUBDOMAINS = envbool("SECURE_HSTS_INCLUDE_SUBDOMAINS", False)
 SECURE_HSTS_PRELOAD = envbool("SECURE_HSTS_PRELOAD", False)
+
+# Content-Security-Policy (Django 6's setting name and format; see MIDDLEWARE).
+# Every script and style comes from /static/ (plotly.js too, no CDN) and data
+# reaches the pages in json_script blocks, so no inline script or style is
+# allowed: injected markup cannot run code. connect-src 'self' covers the
+# same-origin WebSockets (ws: and wss:) in current browsers.
+SECURE_CSP = {
+    "default-src": ["'self'"],
+    "script-src": ["'self'"],
+    # No 'unsafe-inline': two hashes admit the only inline <style> elements, both plotly.js's.
+    # It creates an empty one and adds its rules through the CSSOM (which CSP does not
+    # restrict): the first hash is that of the empty string. The second is that of the
+    # maplibre-gl stylesheet plotly.js 4.x injects at load (for map traces, unused here);
+    # a plotly upgrade may change it, and the browser test then prints the new hash.
+    "style-src": ["'self'", "'sha256-47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU='",
+                  "'sha256-ji27qzEtxXZW+7dun6UwjHXJ18e6WAin1VvNtkzIE/o='"],
+    "img-src": ["'self'", "data:"],
+    "font-src": ["'self'"],
+    "connect-src": ["'self'"],
+    "object-src": ["'none'"],
+    "base-uri": ["'none'"],
+    "form-action": ["'self'"],
+    "frame-ancestors": ["'none'"],
+}
 
 REDIS_URL = os.environ.get("REDIS_URL", "").strip()
 
@@ -175,6 +271,10 @@ else:
 #   - max_attempts=1 and ack_failures: a failed pipeline is recorded on the
 #     Run (with the log tail) and is resumed by a person, not retried blindly;
 #   - one worker by default: runs queue up for the node's GPUs.
+#   - a cluster killed with SIGKILL takes its tasks with it (locked for `retry`
+#     with the ORM broker, gone with Redis): each worker, as it starts, enqueues
+#     the runs still queued again and adopts a run whose stage still runs
+#     (studio/tasks.py, on_worker_start).
 # Cancellation is ours: a DB flag polled by execute_run plus signals to the
 # stage's process group (see studio/actions.py).
 NANOSTUDIO_RUN_TIMEOUT = envint("NANOSTUDIO_RUN_TIMEOUT", 7 * 24 * 3600)
@@ -226,5 +326,7 @@ LOGGING = {
     "loggers": {
         # Request lines are printed by daphne already.
         "django.server": {"level": "WARNING"},
+        # django-axes logs every successful login and clean-up at INFO; failures and lockouts are WARNINGs.
+        "axes": {"level": "WARNING"},
     },
 }

@@ -54,7 +54,8 @@ def form_field(f: config.Field) -> forms.Field:
         return forms.CharField(widget=forms.NumberInput(attrs={**attrs, "step": "any"}), **common)
     if f.choices:
         return forms.CharField(widget=forms.Select(choices=[(c, c) for c in f.choices]), **common)
-    return forms.CharField(**common)
+    # maxlength only for the browser: the schema checks the length and words the error.
+    return forms.CharField(widget=forms.TextInput(attrs={"maxlength": str(f.max_length)}), **common)
 
 
 def preset_values(preset: str) -> dict:

@@ -92,3 +92,115 @@ def test_data_dir_must_be_an_existing_absolute_folder(tmp_path):
         config.resolve("tiny", {"data_dir": str(tmp_path / "missing")})
     assert "no such folder" in e.value.errors["data_dir"] and "trainer.data prepare" in e.value.errors["data_dir"]
     assert config.resolve("tiny", {"data_dir": str(tmp_path)})["data_dir"] == str(tmp_path)
+
+
+@pytest.mark.parametrize("text", ["nan", "NaN", "inf", "-inf", "Infinity", "1e999"])
+def test_floats_must_be_finite(text):
+    with pytest.raises(ConfigError) as err:
+        config.resolve("tiny", {"target_param_data_ratio": text})
+    assert "finite" in err.value.errors["target_param_data_ratio"]
+    with pytest.raises(ConfigError) as err:
+        config.resolve("tiny", {"target_param_data_ratio": float(text)})
+    assert "finite" in err.value.errors["target_param_data_ratio"]
+
+
+def test_numbers_too_large_for_a_float_or_for_text_are_refused_with_a_short_message():
+    with pytest.raises(ConfigError) as err:
+        config.resolve("tiny", {"target_param_data_ratio": 10**400, "depth": 10**5000, "vocab_size": "9" * 5000})
+    errors = err.value.errors
+    assert "number" in errors["target_param_data_ratio"]
+    assert "at most 64" in errors["depth"] and len(errors["depth"]) < 200
+    assert "at most" in errors["vocab_size"] and len(errors["vocab_size"]) < 200
+
+
+def test_every_text_field_has_a_length_limit_and_says_so():
+    for f in config.FIELDS:
+        if f.kind is str:
+            assert f.max_length, f.name
+            with pytest.raises(ConfigError) as err:
+                config.resolve("tiny", {f.name: "a" * (f.max_length + 1)})
+            message = err.value.errors[f.name]
+            assert f"at most {f.max_length}" in message and len(message) < 300, message
+
+
+@pytest.mark.parametrize("value", ["x\x00y", "\ud800", "a\udcffb"])
+def test_text_fields_refuse_nul_and_surrogates(value):
+    # NUL and lone surrogates cannot be stored in PostgreSQL or encoded as UTF-8.
+    for name in ("rdzv_endpoint", "data_dir", "data_source"):
+        with pytest.raises(ConfigError) as err:
+            config.resolve("tiny", {name: value})
+        assert name in err.value.errors
+
+
+@pytest.mark.parametrize("endpoint", ["10.0.0.1:29500", "node-1.cluster.local:1", "[fe80::1]:65535", "gpu7:29500",
+                                      "[::1]:80", "gpu_node_1:29500"])
+def test_rdzv_endpoint_accepts_host_port(endpoint):
+    assert config.resolve("tiny", {"rdzv_endpoint": endpoint})["rdzv_endpoint"] == endpoint
+
+
+@pytest.mark.parametrize("endpoint", ["10.0.0.1", "10.0.0.1:0", "10.0.0.1:65536", "10.0.0.1:99999999999", "host:port",
+                                      "fe80::1:29500", "[nope]:29500", "-bad-.host:29500", "a b:1", "x" * (1 << 20),
+                                      "300.1.1.1:29500", ":29500", "host:+80", "host:٢٩٥٠٠"])
+def test_rdzv_endpoint_refuses_anything_but_host_port(endpoint):
+    # Checked whenever it is given, not only for multi-node runs: nothing unusable is stored.
+    with pytest.raises(ConfigError) as err:
+        config.resolve("tiny", {"rdzv_endpoint": endpoint})
+    message = err.value.errors["rdzv_endpoint"]
+    assert ("HOST:PORT" in message or "at most 300 characters" in message) and len(message) < 300
+
+
+def test_data_dir_paths_are_checked_before_the_filesystem_is_asked(tmp_path):
+    # A component over 255 bytes made stat() fail with ENAMETOOLONG: a traceback instead of an error.
+    cases = {
+        "/data/" + "a" * 256: "255 bytes",
+        "/data/" + "é" * 128: "255 bytes",  # 256 bytes in UTF-8
+        "/" + "/".join(["abcdefgh"] * 500): "4096",
+    }
+    for path, words in cases.items():
+        with pytest.raises(ConfigError) as err:
+            config.resolve("tiny", {"data_dir": path})
+        assert words in err.value.errors["data_dir"] and len(err.value.errors["data_dir"]) < 300
+    with pytest.raises(ConfigError) as err:  # long but legal: the message quotes it shortened
+        config.resolve("tiny", {"data_dir": "/" + "ab/" * 1300})
+    assert "no such folder" in err.value.errors["data_dir"] and len(err.value.errors["data_dir"]) < 1000
+    ok = tmp_path / ("b" * 255)
+    ok.mkdir()
+    assert config.resolve("tiny", {"data_dir": str(ok)})["data_dir"] == str(ok)
+
+
+def test_data_dir_that_cannot_be_read_is_an_error_not_a_traceback(tmp_path, monkeypatch):
+    # As root nothing is unreadable, so the refusal is simulated (EACCES, EIO, ... all look alike).
+    class Unreadable(type(config.Path())):
+        def stat(self, *args, **kwargs):
+            raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(config, "Path", Unreadable)
+    with pytest.raises(ConfigError) as err:
+        config.resolve("tiny", {"data_dir": str(tmp_path)})
+    assert "Permission denied" in err.value.errors["data_dir"]
+
+
+@pytest.mark.parametrize("stages", [[{}], [1, 2], [["tok_train"]], "tok_train," + "x" * 100_000, [None]])
+def test_stage_lists_hold_stage_names(stages):
+    with pytest.raises(ConfigError) as err:
+        config.resolve("tiny", {"stages": stages})
+    assert "stage" in err.value.errors["stages"] and len(err.value.errors["stages"]) < 400
+
+
+def test_preset_and_description_are_validated_too():
+    with pytest.raises(ConfigError) as err:
+        config.resolve(["tiny"])
+    assert "unknown preset" in err.value.errors["preset"]
+    with pytest.raises(ConfigError) as err:
+        config.resolve("tiny", {"description": float("nan")})
+    assert "text" in err.value.errors["description"]
+    with pytest.raises(ConfigError) as err:
+        config.resolve("tiny", {"description": "d" * 100_000})
+    assert "at most" in err.value.errors["description"]
+
+
+def test_unknown_settings_are_named_briefly():
+    with pytest.raises(ConfigError) as err:
+        config.validate({**config.defaults(), "k" * 10_000: 1, 7: 1})
+    assert all(len(key) <= 100 and len(message) < 1000 for key, message in err.value.errors.items())
+    assert any("unknown setting" in message for message in err.value.errors.values())

@@ -124,3 +124,95 @@ def test_run_page_follows_a_smoke_run_live_across_a_reload(manage_env, tmp_path)
             raise
         finally:
             browser.close()
+
+
+# A run with twenty training steps and two validation points, written as a stage would write them,
+# so the run and compare pages have curves to draw without training anything.
+SEED_RUN = """
+from studio import actions
+from trainer.events import EventWriter
+run = actions.create_run("smoke", {"stages": "tok_train,base_train"}, name="csp check")
+events = EventWriter(run.run_dir, "base_train")
+events.start()
+events.emit("setup", num_iterations=20)
+for step in range(1, 21):
+    events.metric(step=step, loss=5 - step / 10, smooth_loss=5 - step / 10, lrm=1.0, dt=0.1, tok_per_sec=1000.0,
+                  mfu=1.0, peak_mem_mb=100.0, fraction=step / 20)
+    if step % 10 == 0:
+        events.emit("eval", name="val_bpb", step=step, val_bpb=2 - step / 100)
+actions.ingest_events(run)  # what the worker does as a stage runs: the pages read events from the database
+# A checkpoint as the chat page lists it (never loaded here), so the chat page opens its socket.
+from trainer.events import CHECKPOINT_FILES
+step_dir = run.run_dir / "checkpoints" / "base_train" / "step_20"
+step_dir.mkdir(parents=True)
+for name in CHECKPOINT_FILES:
+    (step_dir / name).write_text("{}")
+print(run.id)
+"""
+
+# Every violation of the page's Content-Security-Policy, as a console line the test collects.
+REPORT_CSP_VIOLATIONS = """
+document.addEventListener("securitypolicyviolation", (e) => {
+    console.error(`CSP violation: ${e.violatedDirective} blocked ${e.blockedURI || "inline"} at ` +
+                  `${e.sourceFile}:${e.lineNumber} ${e.sample || ""}`);
+});
+"""
+
+
+def test_every_page_works_under_the_content_security_policy(manage_env, tmp_path):
+    """Login, dashboard, new run (live estimate), run page (socket, charts), compare, chat and admin:
+    no CSP violation reported, and each page does its job (so nothing was silently blocked)."""
+    chromium = require_chromium()
+    from playwright.sync_api import expect, sync_playwright
+
+    with StudioServer(manage_env, tmp_path / "studio") as studio, sync_playwright() as playwright:
+        run_id = studio.manage("shell", "-c", SEED_RUN).stdout.split()[-1]
+        browser = playwright.chromium.launch(executable_path=chromium)
+        page = browser.new_page()
+        page.add_init_script(REPORT_CSP_VIOLATIONS)
+        console: list[str] = []
+        page.on("console", lambda message: console.append(f"{message.type}: {message.text}"))
+        page.on("pageerror", lambda error: console.append(f"pageerror: {error}"))
+        try:
+            response = page.goto(studio.url("/accounts/login/"))
+            assert "script-src 'self'" in response.headers["content-security-policy"]
+            log_in(page, studio)
+
+            page.goto(studio.url("/"))  # dashboard; its progress bars get their width from dashboard.js
+            bar = page.locator(f'tr[data-run-id="{run_id}"] .progress span')
+            expect(bar).to_be_attached()
+            assert bar.evaluate("e => e.getBoundingClientRect().width") > 0, "the progress bar has no width"
+
+            page.goto(studio.url("/runs/new/?preset=smoke"))  # the estimate is fetched again on every change
+            params = page.locator('[data-est="params"]')
+            before = params.text_content()
+            page.fill('input[name="depth"]', "3")
+            expect(params).not_to_have_text(before, timeout=10_000)
+
+            page.goto(studio.url(f"/runs/{run_id}/"))
+            expect(page.locator("#conn-state")).to_have_text("live", timeout=30_000)
+            assert wait_for_points(page, 20, timeout_s=30) == list(range(1, 21))
+            # Plotly's own stylesheet applies (its layers are stacked, not laid out one below the other).
+            assert page.evaluate("getComputedStyle(document.querySelector('#chart-loss .main-svg')).position") == "absolute"
+
+            page.goto(studio.url(f"/compare/?runs={run_id}"))
+            assert wait_for_points(page, 20, timeout_s=30) == list(range(1, 21))
+            expect(page.locator(f'#compare-rows tr[data-run="{run_id}"] .swatch')).to_have_css(
+                "background-color", re.compile(r"rgb\("))
+
+            page.goto(studio.url("/chat/"))
+            expect(page.locator("#conn-state")).to_have_text("live", timeout=30_000)
+
+            page.goto(studio.url("/admin/"))
+            expect(page.locator("#site-name")).to_be_visible()
+            page.goto(studio.url(f"/admin/studio/run/{run_id}/change/"))
+            expect(page.locator("#run_form")).to_be_visible()
+
+            problems = [m for m in console if "CSP violation" in m or "Content Security Policy" in m
+                        or m.startswith("pageerror")]
+            assert problems == [], "\n".join(problems)
+        except BaseException:
+            save_evidence(page, console, tmp_path)
+            raise
+        finally:
+            browser.close()

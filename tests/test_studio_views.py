@@ -49,6 +49,7 @@ def test_new_run_form_is_built_from_the_schema(client):
         assert f'name="{f.name}"' in html
         assert f.help.replace("'", "&#x27;") in html
     assert '<input type="number" name="depth" value="4" min="1" max="64" step="1"' in html
+    assert '<input type="text" name="rdzv_endpoint" maxlength="300"' in html  # the schema's limit, for the browser
     assert 'name="csrfmiddlewaretoken"' in html
     assert 'name="stages" value="tok_train" id="id_stages_0" checked>' in html
     assert 'name="stages" value="base_train" id="id_stages_2" checked>' in html

@@ -52,6 +52,13 @@
   const fmt = (v) => C.formatNumber(v);
   const atStep = (v, step) => (v === null ? "—" : `${fmt(v)} @ ${step}`);
 
+  /** The run's colour chip. Coloured through the CSSOM: the Content-Security-Policy refuses style attributes. */
+  function swatch(id) {
+    const chip = el("span", {className: "swatch"});
+    chip.style.background = C.colorFor(id);
+    return chip;
+  }
+
   function summaryRows(source, alpha) {
     const stages = new Set([...source.data.metrics.keys(), ...source.data.vals.keys()]);
     const info = source.data.info || {};
@@ -63,7 +70,7 @@
       const link = links[source.id];
       const name = link ? el("a", {href: link, text: source.label}) : el("span", {text: source.label});
       rows.push(el("tr", {"data-run": source.id},
-        el("td", {}, el("span", {className: "swatch", style: `background:${C.colorFor(source.id)}`}), name,
+        el("td", {}, swatch(source.id), name,
           many ? el("span", {className: "muted", text: ` · ${stage}`}) : null),
         el("td", {}, info.status ? el("span", {className: `badge status-${info.status}`, text: info.status}) : null),
         el("td", {}, el("span", {className: `conn-state compare-conn conn-${source.state}`, text: source.state,

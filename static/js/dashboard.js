@@ -7,6 +7,9 @@
   if (!table) return;
   const POLL_MS = 3000;
 
+  // Bars as the server rendered them: the width comes as data (CSP forbids style attributes).
+  for (const bar of table.querySelectorAll(".progress span[data-percent]")) bar.style.width = `${bar.dataset.percent}%`;
+
   const fmt = (v, digits) => (typeof v === "number" && isFinite(v) ? v.toFixed(digits) : "—");
   const cell = (row, name) => row.querySelector(`[data-cell="${name}"]`);
 
