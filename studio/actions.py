@@ -77,9 +77,7 @@ def create_run(preset: str, overrides: dict | None = None, name: str = "", runs_
     if the configuration is invalid.
     """
     cfg = config.resolve(preset, overrides or {})
-    gpus = host_gpu_count()
-    if gpus and cfg["nproc_per_node"] > gpus:
-        raise config.ConfigError({"nproc_per_node": f"this node has {gpus} GPU(s); use nproc_per_node={gpus} or fewer"})
+    _check_host_gpus(cfg)
     run_id = new_run_id()
     run_dir = Path(runs_dir or settings.NANOSTUDIO_RUNS_DIR).resolve() / run_id
     (run_dir / "logs").mkdir(parents=True)
@@ -96,6 +94,12 @@ def create_run(preset: str, overrides: dict | None = None, name: str = "", runs_
         raise
     log.info("created run %s (%s) in %s", run.id, preset, run_dir)
     return run
+
+
+def _check_host_gpus(cfg: dict) -> None:
+    gpus = host_gpu_count()
+    if gpus and cfg["nproc_per_node"] > gpus:
+        raise config.ConfigError({"nproc_per_node": f"this node has {gpus} GPU(s); use nproc_per_node={gpus} or fewer"})
 
 
 def enqueue_run(run: Run, sync: bool = False) -> str:
@@ -650,12 +654,31 @@ def _request_stop(run: Run, how: str) -> Run:
     return run
 
 
-def resume_run(run: Run, enqueue: bool = True) -> Run:
+def resume_run(run: Run, enqueue: bool = True, gpus: int | str | None = None) -> Run:
     """Queue a paused, failed or cancelled run again; it continues from its first unfinished stage.
 
     Finished stages are kept; the stage that stopped restarts from its latest
     checkpoint when it has one (see _resume_args), the rest run as planned.
+    `gpus` moves the run to that many GPUs per node (nodes fail, GPUs get
+    taken): a training stage re-shards its checkpoint and keeps the global
+    batch, and refuses, naming the counts that work, a count that does not
+    divide its data streams (ranks x accumulation steps when it was saved).
     """
+    cfg = None
+    if gpus not in (None, ""):
+        try:
+            cfg = config.validate({**run.config, "nproc_per_node": gpus})
+        except config.ConfigError as e:
+            # The batch cannot change on a resume, so "use another total_batch_size" is no fix here:
+            # name the counts the one validation accepts for this run instead.
+            valid = [n for n in range(1, 65) if _valid({**run.config, "nproc_per_node": n})]
+            raise config.ConfigError({"nproc_per_node": "; ".join(e.errors.values()) + "."
+                                      f" This run can resume on "
+                                      f"{', '.join(map(str, valid))} GPU(s) per node (same global batch)"}) from None
+        if cfg["nproc_per_node"] == run.config.get("nproc_per_node"):
+            cfg = None
+        else:
+            _check_host_gpus(cfg)
     with transaction.atomic():
         if not Run.objects.filter(pk=run.pk, status__in=Run.RESUMABLE).update(
             status=Run.Status.QUEUED, error="", finished_at=None, queued_at=timezone.now(),
@@ -663,15 +686,29 @@ def resume_run(run: Run, enqueue: bool = True) -> Run:
         ):
             run.refresh_from_db()
             raise ActionError(f"run {run.id} is {run.status}; only a paused, failed or cancelled run can be resumed")
+        if cfg is not None:
+            # config.json first: a kill between the two leaves the file ahead of the row, and the
+            # row (rolled back with the status) is what a retry of the resume starts from.
+            write_json_atomic(run.run_dir / CONFIG_FILE, cfg)
+            Run.objects.filter(pk=run.pk).update(config=cfg)  # stage commands are built from it at each start
         run.stages.exclude(status=StageRun.Status.DONE).update(
             status=StageRun.Status.QUEUED, exit_code=None, pid=None, token="", finished_at=None, note="")
     run.refresh_from_db()
     with open(run.run_dir / "logs" / "studio.log", "a") as f:
-        f.write(f"# {timezone.now():%Y-%m-%d %H:%M:%S} UTC resumed\n")
+        moved = f" on {gpus} GPU(s) per node" if cfg is not None else ""
+        f.write(f"# {timezone.now():%Y-%m-%d %H:%M:%S} UTC resumed{moved}\n")
     if enqueue:
         enqueue_run(run)
     _notify(run)
     return run
+
+
+def _valid(cfg: dict) -> bool:
+    try:
+        config.validate(cfg)
+    except config.ConfigError:
+        return False
+    return True
 
 
 def delete_run(run: Run) -> None:

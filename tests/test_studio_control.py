@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -12,6 +13,7 @@ import pytest
 
 from studio import actions
 from studio.models import GpuLease, Run, StageRun
+from trainer import config
 from tests.test_studio_actions import process_gone, wait_until
 
 pytestmark = pytest.mark.django_db
@@ -297,3 +299,74 @@ def test_a_starting_queue_worker_marks_interrupted_runs(runs_dir):
     post_spawn.send(sender="django_q", proc_name="Process-1")  # what qcluster sends as each worker starts
     run.refresh_from_db()
     assert run.status == Run.Status.FAILED and "interrupted" in run.error
+
+
+# --- resume on another number of GPUs ---------------------------------------------------------
+
+
+def test_resume_on_another_gpu_count_rewrites_the_config_and_the_stage_command(runs_dir, fake_stages):
+    fake_stages["base_train"] = "pausable"
+    run = actions.create_run("tiny", {**TOK_AND_BASE, "nproc_per_node": "2", "total_batch_size": str(2 * 2048)})
+    on_event, _ = stop_on_first_metric(run, actions.pause_run)
+    run = actions.execute_run(run, on_event=on_event)
+    assert run.status == Run.Status.PAUSED
+
+    run = actions.resume_run(run, enqueue=False, gpus="1")
+    assert run.status == Run.Status.QUEUED and run.config["nproc_per_node"] == 1
+    assert json.loads((run.run_dir / "config.json").read_text())["nproc_per_node"] == 1
+    base = next(c for c in config.stage_commands(run.config, str(run.run_dir)) if c.name == "base_train")
+    assert "torchrun" not in " ".join(base.argv)  # one process needs no launcher
+    assert "resumed on 1 GPU(s) per node" in (run.run_dir / "logs" / "studio.log").read_text()
+
+
+@pytest.mark.parametrize("gpus", ["0", "two", "1e400", "65", "3"])
+def test_resume_on_a_bad_gpu_count_is_refused_and_changes_nothing(runs_dir, fake_stages, gpus):
+    fake_stages["base_train"] = "pausable"
+    run = actions.create_run("tiny", {**TOK_AND_BASE, "total_batch_size": str(4 * 2048)})
+    on_event, _ = stop_on_first_metric(run, actions.pause_run)
+    run = actions.execute_run(run, on_event=on_event)
+    with pytest.raises(config.ConfigError) as err:
+        actions.resume_run(run, enqueue=False, gpus=gpus)
+    assert "This run can resume on 1, 2, 4 GPU(s)" in err.value.errors["nproc_per_node"]
+    run.refresh_from_db()
+    assert run.status == Run.Status.PAUSED and run.config["nproc_per_node"] == 1
+    assert json.loads((run.run_dir / "config.json").read_text())["nproc_per_node"] == 1
+
+
+def test_the_resume_button_takes_a_gpu_count(client, runs_dir, fake_stages):
+    fake_stages["base_train"] = "pausable"
+    run = actions.create_run("tiny", {**TOK_AND_BASE, "total_batch_size": str(4 * 2048)})
+    on_event, _ = stop_on_first_metric(run, actions.pause_run)
+    run = actions.execute_run(run, on_event=on_event)
+    page = client.get(run.get_absolute_url()).content.decode()
+    assert 'name="gpus"' in page
+    answer = client.post(f"/runs/{run.id}/resume/", {"gpus": "3"}, HTTP_ACCEPT="application/json")
+    assert answer.status_code == 409 and "can resume on 1, 2, 4 GPU(s)" in answer.json()["message"]
+    assert Run.objects.get(pk=run.pk).status == Run.Status.PAUSED
+    answer = client.post(f"/runs/{run.id}/resume/", {"gpus": "4"}, HTTP_ACCEPT="application/json")
+    assert answer.status_code == 200 and "4 GPU(s)" in answer.json()["message"], answer.json()
+    assert Run.objects.get(pk=run.pk).config["nproc_per_node"] == 4
+
+
+@pytest.mark.slow
+def test_real_pretraining_paused_on_two_ranks_resumes_on_one(runs_dir, monkeypatch):
+    """Pause a 2-rank (torchrun, gloo) pretraining from the studio, resume it on 1 rank with 2x accumulation."""
+    from tests.helpers import mirror
+
+    monkeypatch.setenv("NANOSTUDIO_DATA_MIRROR", str(mirror()))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    run = actions.create_run("smoke", {"stages": "tok_train,base_train", "save_every": "1000", "eval_every": "0",
+                                       "sample_every": "0", "num_iterations": "12", "total_batch_size": str(2 * 4 * 128),
+                                       "nproc_per_node": "2"})
+    on_event, _ = stop_on_first_metric(run, actions.pause_run)
+    run = actions.execute_run(run, on_event=on_event)
+    assert run.status == Run.Status.PAUSED, run.error
+    paused_at = run.events.get(kind="checkpoint", stage="base_train").data["step"]
+
+    run = actions.execute_run(actions.resume_run(run, enqueue=False, gpus=1))
+    assert run.status == Run.Status.DONE, run.error
+    resumed = run.events.get(kind="resume").data
+    assert resumed["step"] == paused_at
+    assert (resumed["saved_world_size"], resumed["world_size"], resumed["grad_accum"]) == (2, 1, 2)
+    steps = list(run.events.filter(kind="metric", stage="base_train").order_by("seq").values_list("step", flat=True))
+    assert steps == list(range(1, 13))  # one continuous curve across the move

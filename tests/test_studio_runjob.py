@@ -156,6 +156,22 @@ def test_runjob_resume_continues_a_failed_run_from_its_failed_stage(runs_dir, fa
     assert code == 2 and "no run 'no-such-run'" in err
 
 
+def test_runjob_resume_with_gpus_moves_the_run(runs_dir, fake_stages):
+    fake_stages["tok_eval"] = "fail"
+    code, _, _ = runjob("tiny", "--gpus", "2", "--set", "total_batch_size=4096", "--set", "stages=tok_train,tok_eval")
+    run = Run.objects.get()
+    assert code == 1 and run.config["nproc_per_node"] == 2
+    fake_stages["tok_eval"] = "ok"
+    code, _, err = runjob("--resume", run.id, "--gpus", "3")
+    assert code == 2 and "can resume on 1, 2 GPU(s)" in err
+    run.refresh_from_db()
+    assert run.status == "failed" and run.config["nproc_per_node"] == 2  # refused: nothing changed
+    code, _, err = runjob("--resume", run.id, "--gpus", "1")
+    assert code == 0, err
+    run.refresh_from_db()
+    assert run.status == "done" and run.config["nproc_per_node"] == 1
+
+
 def test_runjob_needs_a_preset_or_resume(runs_dir):
     code, _, err = runjob()
     assert code == 2 and "give a preset" in err

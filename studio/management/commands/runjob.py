@@ -4,6 +4,7 @@
     python manage.py runjob speedrun --set depth=12 --gpus 1 --name "d12 on one GPU"
     python manage.py runjob --resume 20261124-101500-3fa9c1      # continue a paused/failed/cancelled run
                                                                  # (or take over one whose supervisor was killed)
+    python manage.py runjob --resume 20261124-101500-3fa9c1 --gpus 4   # continue it on 4 GPUs instead
 
 The run is recorded in the database and in runs/<id>/ like a run started from
 the web, so the dashboard shows it. Exit status: 0 done, 1 failed,
@@ -39,7 +40,9 @@ class Command(BaseCommand):
             "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
             help="override a setting, e.g. --set depth=12 (repeatable; see `python -m trainer.config`)",
         )
-        parser.add_argument("--gpus", type=int, metavar="N", help="GPUs per node (same as --set nproc_per_node=N)")
+        parser.add_argument("--gpus", type=int, metavar="N",
+                            help="GPUs per node (same as --set nproc_per_node=N); with --resume, continue on N GPUs "
+                                 "(any count that divides the checkpoint's ranks x accumulation steps)")
         parser.add_argument("--resume", metavar="RUN_ID", help="continue a paused, failed or cancelled run instead of starting one")
         parser.add_argument("--user", help="record this studio user as the run's owner")
         parser.add_argument("--name", default="", help="a name to tell the run apart on the dashboard")
@@ -53,18 +56,19 @@ class Command(BaseCommand):
         if gpus is not None:
             if gpus < 1:
                 raise CommandError("--gpus must be at least 1", returncode=2)
-            overrides = [*overrides, f"nproc_per_node={gpus}"]
+            if not resume:
+                overrides = [*overrides, f"nproc_per_node={gpus}"]
         studio_log = logging.getLogger("studio")
         level = studio_log.level
         if options["verbosity"] < 2:
             # The progress lines say what the studio's INFO log lines would.
             studio_log.setLevel(logging.WARNING)
         try:
-            self._run(preset, overrides, name, runs_dir, resume, user)
+            self._run(preset, overrides, name, runs_dir, resume, user, gpus)
         finally:
             studio_log.setLevel(level)
 
-    def _run(self, preset, overrides, name, runs_dir, resume, user):
+    def _run(self, preset, overrides, name, runs_dir, resume, user, gpus=None):
         self._migrate_if_needed()
         # Runs whose supervisor died while their stage goes on are left for a
         # queue worker (or `runjob --resume`) to adopt; the others are marked.
@@ -79,9 +83,11 @@ class Command(BaseCommand):
             adopt = run.status == Run.Status.RUNNING and run in actions.orphaned_runs()
             if not adopt:
                 try:
-                    run = actions.resume_run(run, enqueue=False)
+                    run = actions.resume_run(run, enqueue=False, gpus=gpus)
                 except actions.ActionError as e:
                     raise CommandError(str(e), returncode=2) from None
+                except config.ConfigError as e:
+                    raise CommandError(f"cannot resume run {run.id}: {e}", returncode=2) from None
         else:
             try:
                 run = actions.create_run(preset, config.parse_overrides(overrides), name=name, runs_dir=runs_dir, owner=owner)
