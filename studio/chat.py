@@ -14,11 +14,14 @@ trained), base_train ones in completion mode, mid/sft/rl ones in chat mode.
 
 from __future__ import annotations
 
+import json
+
 from django.conf import settings
 from django.db import transaction
 from django.db.models import Q
 from django.utils import timezone
 
+import studio.live
 from studio.models import Conversation, Message, Run
 from studio.render import markdown_html
 from trainer import checkpoint
@@ -36,6 +39,19 @@ class ChatError(Exception):
     def __init__(self, message: str, field: str | None = None):
         super().__init__(message)
         self.field = field
+
+
+def check_storable(text: str, field: str) -> str:
+    """`text` if a database can store it: no lone surrogate (JSON can carry "\\ud800", UTF-8 cannot)
+    and no NUL character (PostgreSQL refuses it in text)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ChatError(f"{field} is not valid Unicode text (it holds a lone surrogate such as \\ud800); "
+                        "send the text as typed", field) from None
+    if "\x00" in text:
+        raise ChatError(f"{field} contains a NUL character (\\u0000), which cannot be stored; remove it", field)
+    return text
 
 
 def limits() -> dict:
@@ -129,15 +145,25 @@ def default_settings(checkpoints: list[dict]) -> dict:
     return dict(DEFAULT_SAMPLING, run=first and first["run"], stage=first and first["stage"], step=None)
 
 
-def preselect(settings: dict, checkpoints: list[dict], run_id: str, stage: str | None, step: str | None) -> dict:
+def step_param(value: str | None) -> int | None:
+    """The ?step= of a chat link: None when absent, else a training step (ASCII digits: "²" and
+    "٣" are digits to str.isdigit() but not to int(), and 5,000 digits are refused by int())."""
+    if not value:
+        return None
+    if not (value.isascii() and value.isdigit() and len(value) <= 12):
+        raise ChatError("step must be a whole number such as 500 (a checkpoint's training step); "
+                        "showing the latest step instead", "step")
+    return int(value)
+
+
+def preselect(settings: dict, checkpoints: list[dict], run_id: str, stage: str | None, step: int | None) -> dict:
     """`settings` pointing at a run's checkpoint (its most advanced stage unless `stage` names one of
     its stages; `step` only when that stage has it); unchanged when the run has no such checkpoint."""
     candidates = [c for c in checkpoints if c["run"] == run_id and (not stage or c["stage"] == stage)]
     if not candidates:
         return settings
     chosen = candidates[0]
-    wanted = int(step) if step and step.isdigit() else None
-    return dict(settings, run=run_id, stage=chosen["stage"], step=wanted if wanted in chosen["steps"] else None)
+    return dict(settings, run=run_id, stage=chosen["stage"], step=step if step in chosen["steps"] else None)
 
 
 def _apply_settings(conv: Conversation, values: dict) -> None:
@@ -157,18 +183,36 @@ def _apply_settings(conv: Conversation, values: dict) -> None:
     conv.max_tokens, conv.seed = values["max_tokens"], values["seed"]
 
 
-def get_conversation(user, conversation_id) -> Conversation:
+MAX_ID = 2**63 - 1  # ids are 64-bit (BigAutoField): a larger number names nothing, and databases refuse it
+
+
+def _pk(value) -> int | None:
     try:
-        return Conversation.objects.select_related("run").get(pk=int(conversation_id), owner=user)
-    except (Conversation.DoesNotExist, TypeError, ValueError):
-        raise ChatError("no such conversation (it may have been deleted)", "conversation") from None
+        pk = int(value)
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return pk if 0 < pk <= MAX_ID and not isinstance(value, bool) else None
+
+
+# Someone else's conversation and one that does not exist get the same answer: ids are sequential,
+# and a different error would tell which ids are other people's.
+
+def get_conversation(user, conversation_id) -> Conversation:
+    """The person's conversation `conversation_id`, or ChatError; always filtered by owner."""
+    pk = _pk(conversation_id)
+    conv = Conversation.objects.select_related("run").filter(pk=pk, owner=user).first() if pk else None
+    if conv is None:
+        raise ChatError("no such conversation (it may have been deleted)", "conversation")
+    return conv
 
 
 def get_message(user, message_id) -> Message:
-    try:
-        return Message.objects.select_related("conversation").get(pk=int(message_id), conversation__owner=user)
-    except (Message.DoesNotExist, TypeError, ValueError):
-        raise ChatError("no such message (it may have been deleted)", "message") from None
+    """A message of one of the person's conversations, or ChatError; always filtered by owner."""
+    pk = _pk(message_id)
+    message = Message.objects.select_related("conversation").filter(pk=pk, conversation__owner=user).first() if pk else None
+    if message is None:
+        raise ChatError("no such message (it may have been deleted)", "message")
+    return message
 
 
 def save_settings(user, conversation_id, data) -> Conversation:
@@ -372,6 +416,48 @@ def open_payload(user, conversation_id, live: set[int]) -> dict:
             "messages": [message_json(m, conv.mode) for m in messages], "leaf": conv.leaf_id, "generating": generating}
 
 
+# daphne refuses to send a WebSocket frame over 1 MiB (the socket dies with 1011), and a completion
+# conversation passes that soon: every token of every version carries its probabilities. What the
+# chat socket sends is cut into frames of about studio.live.MESSAGE_BYTES by the run page's
+# splitter, studio.live.chunked.
+
+def split_message(payload: dict) -> tuple[dict, list[dict]]:
+    """A message's JSON ready to send, and the "probs" frames that must follow it when its
+    token probabilities make it too big for one frame (each says where its piece starts)."""
+    if len(json.dumps(payload)) <= studio.live.MESSAGE_BYTES or not payload["probs"]:
+        return payload, []
+    frames, offset = [], 0
+    for piece in studio.live.chunked(payload["probs"]):
+        frames.append({"type": "probs", "message": payload["id"], "offset": offset, "probs": piece})
+        offset += len(piece)
+    return dict(payload, probs=[]), frames
+
+
+def message_frames(kind: str, message: Message, mode: str) -> list[dict]:
+    """A "message" or "done" frame for `message`, followed by its probabilities in pieces if needed."""
+    head, tails = split_message(message_json(message, mode))
+    return [{"type": kind, "message": head}] + tails
+
+
+def open_frames(user, conversation_id, live: set[int]) -> list[dict]:
+    """The "conversation" answer to "open" as frames that each fit a WebSocket message: the
+    conversation with its first messages, "messages" frames with the rest ("more": true on every
+    frame but the last of these), then "probs" frames for messages too big for one frame."""
+    payload = open_payload(user, conversation_id, live)
+    heads, tails = [], []
+    for message in payload["messages"]:
+        head, frames = split_message(message)
+        heads.append(head)
+        tails += frames
+    chunks = list(studio.live.chunked(heads)) or [[]]
+    conversation_id = payload["conversation"]["id"]
+    frames = [dict(payload, messages=chunks[0])]
+    frames += [{"type": "messages", "conversation": conversation_id, "messages": chunk} for chunk in chunks[1:]]
+    for i, frame in enumerate(frames):
+        frame["more"] = i < len(frames) - 1
+    return frames + tails
+
+
 SEARCH_MAX_CHARS = 200
 
 
@@ -380,6 +466,7 @@ def search_conversations(user, query) -> list[int]:
     query = (query or "").strip() if isinstance(query, str) else ""
     if len(query) > SEARCH_MAX_CHARS:
         raise ChatError(f"search for at most {SEARCH_MAX_CHARS} characters", "q")
+    check_storable(query, "q")
     conversations = Conversation.objects.filter(owner=user)
     if query:
         conversations = conversations.filter(
@@ -394,6 +481,7 @@ def rename_conversation(user, conversation_id, title) -> Conversation:
         raise ChatError("a title cannot be empty", "title")
     if len(title) > 200:
         raise ChatError(f"a title has at most 200 characters, this one {len(title)}", "title")
+    check_storable(title, "title")
     conv.title = title
     conv.save(update_fields=["title"])
     return conv

@@ -7,6 +7,7 @@ Client -> server (JSON):
     {"type": "hello", "after": null | N}   first message: null = send a snapshot; N = the last seq
                                            the page has: send every event after it (a reconnect)
     {"type": "pong"}                       answer to a ping (any message counts)
+    {"type": "ping"}                       answered with {"type": "pong"}
 Server -> client:
     {"type": "snapshot", "run": RUN, "events": [...], "last_seq": N, "downsampled": {...}, "log": {...}, "report_html": "..."}
     {"type": "events", "events": [...], "last_seq": N}     new events, seq strictly increasing
@@ -14,8 +15,13 @@ Server -> client:
     {"type": "log", "stage": S, "lines": [...], "reset": bool}
     {"type": "report", "html": "..."}                      the report card, rendered and sanitized
     {"type": "ping", "time": T}                            every HEARTBEAT_SECONDS
-    {"type": "error", "message": "..."}                    a bad message from the page
-Close codes: 4401 not logged in, 4404 no such run, 4400 protocol error.
+    {"type": "error", "message": "...", "field": F}        a bad message from the page; the socket keeps serving
+    {"type": "pong"}
+Close codes: 4401 not logged in, 4404 no such run, 4400 a frame that is not a JSON object (binary,
+too big, not JSON): the page is broken, retrying cannot help.
+
+Every message from a page is checked against its schema in studio/protocol.py before a
+handler sees it (ids, texts, settings); a bad field gets an error naming it.
 
 Every event carries its sequence number (its line in events.jsonl), so a
 page opened late, refreshed or reconnected after a dropped network shows the
@@ -32,7 +38,6 @@ group_send("run-<id>", {"type": "run.wake"}) wakes it at once.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import threading
 import time
@@ -40,7 +45,7 @@ import time
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 
-from studio import chat
+from studio import chat, protocol
 from studio.actions import run_group
 from studio.chat import ChatError
 from studio.live import Follower
@@ -78,36 +83,30 @@ class RunConsumer(AsyncJsonWebsocketConsumer):
         if self.group:
             await self.channel_layer.group_discard(self.group, self.channel_name)
 
-    async def receive_json(self, content, **kwargs):
-        if self.follower is None:
-            return
-        kind = content.get("type") if isinstance(content, dict) else None
-        if kind == "pong":
-            return
-        if kind != "hello":
-            await self.send_json({"type": "error", "message": f"unknown message type {kind!r}; send hello or pong"})
-            return
-        after = content.get("after")
-        if after is not None and (not isinstance(after, int) or isinstance(after, bool) or after < 0):
-            await self.send_json({"type": "error", "message": "hello.after must be null or a sequence number >= 0"})
-            await self.close(code=4400)
-            return
-        if self.tasks:
-            await self.send_json({"type": "error", "message": "hello was already sent on this connection"})
-            return
-        for message in await database_sync_to_async(self.follower.hello)(after):
-            await self.send_json(message)
-        self.tasks = [asyncio.create_task(self._follow()), asyncio.create_task(self._heartbeat())]
-
     async def receive(self, text_data=None, bytes_data=None, **kwargs):
-        # A page sends small JSON text frames only; anything else is a client bug or abuse.
-        if bytes_data is not None or text_data is None or len(text_data) > 4096:
-            await self.close(code=4400)
-            return
+        if self.follower is None:
+            return  # refused at connect (4401, 4404): whatever arrives before the close is ignored
         try:
-            await super().receive(text_data=text_data, **kwargs)
-        except ValueError:
-            await self.send_json({"type": "error", "message": "messages must be JSON objects"})
+            kind, fields = protocol.parse(text_data, bytes_data, protocol.RUN_MESSAGES, max_chars=4096)
+        except protocol.ProtocolError as e:
+            await self.send_json({"type": "error", "message": str(e), "field": e.field})
+            if e.close:
+                await self.close(code=4400)
+            return
+        if kind == "ping":
+            await self.send_json({"type": "pong"})
+        elif kind == "hello":
+            if self.tasks:
+                await self.send_json({"type": "error", "message": "hello was already sent on this connection", "field": None})
+                return
+            try:
+                messages = await database_sync_to_async(self.follower.hello)(fields["after"])
+            except Run.DoesNotExist:
+                await self.close(code=4404)  # deleted since the socket opened
+                return
+            for message in messages:
+                await self.send_json(message)
+            self.tasks = [asyncio.create_task(self._follow()), asyncio.create_task(self._heartbeat())]
 
     async def run_wake(self, message):
         self.wake.set()
@@ -183,7 +182,18 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         loading {message} | started {message} | delta {message, parts: [[i, type, text]], probs} |
         done {message} | settings {conversation, settings} | error {error, field} | pong |
         ping {time} (at once on connect, then every HEARTBEAT_SECONDS)
-    Close codes: 4401 not logged in, 4400 a message that is not JSON, too big, or of unknown type.
+    Close codes: 4401 not logged in, 4400 a frame that is not a JSON object (binary, too big, not JSON).
+    A message of unknown type or with a bad field (checked in studio/protocol.py) gets an error
+    naming the field, and the socket keeps serving.
+
+    Big payloads come in frames under daphne's 1 MiB limit (studio.chat.open_frames):
+        conversation {..., more} then messages {conversation, messages, more} until more is false;
+        probs {message, offset, probs} after a "done" or a conversation whose token probabilities
+        did not fit one frame: they go into message.probs from `offset` on.
+
+    Conversations are private: every id in a message is looked up among the person's own
+    conversations before anything is done with it (a running answer included), and someone else's
+    id gets the same error as one that does not exist.
 
     One answer per socket at a time. Stop ends it at once (also while waiting for a model slot
     or loading); a closed socket ends it too, marked "interrupted", and the page continues it
@@ -218,73 +228,74 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         if self.user is None:
             return  # refused at connect (4401): whatever arrives before the close is ignored
         limit = chat.limits()["max_message_chars"] * 6 + 4096  # JSON escapes a character in at most 6 bytes
-        if bytes_data is not None or text_data is None or len(text_data) > limit:
-            await self.close(code=4400)
-            return
+        kind = None
         try:
-            content = json.loads(text_data)
-        except ValueError:
-            content = None
-        if not isinstance(content, dict) or content.get("type") not in self.HANDLERS:
-            await self.send_json({"type": "error", "error": "messages must be JSON objects with a known type", "field": None})
-            await self.close(code=4400)
-            return
-        try:
-            await getattr(self, self.HANDLERS[content["type"]])(content)
+            kind, fields = protocol.parse(text_data, bytes_data, protocol.CHAT_MESSAGES, limit)
+            await getattr(self, self.HANDLERS[kind])(fields)
         except ChatError as e:
-            await self.send_json({"type": "error", "error": str(e), "field": e.field})
+            await self._send_quietly({"type": "error", "error": str(e), "field": e.field})
+            if isinstance(e, protocol.ProtocolError) and e.close:
+                await self.close(code=4400)
+        except Exception:
+            # A bug must not take the socket down (and an answer streaming on it): say so and keep serving.
+            log.exception("chat message of type %s failed", kind)  # not its text: conversations are private
+            await self._send_quietly({"type": "error", "error": "the server failed on this message (it is logged); "
+                                      "reload the page if it keeps happening", "field": None})
 
     HANDLERS = {"open": "do_open", "send": "do_send", "edit": "do_edit", "regenerate": "do_regenerate",
                 "continue": "do_continue", "stop": "do_stop", "select": "do_select", "settings": "do_settings",
                 "ping": "do_ping", "pong": "do_pong"}
+    assert HANDLERS.keys() == protocol.CHAT_MESSAGES.keys()
 
-    async def do_ping(self, content):
+    async def do_ping(self, fields):
         await self.send_json({"type": "pong"})
 
-    async def do_pong(self, content):
+    async def do_pong(self, fields):
         pass  # the answer to our ping: any message shows the link works
 
-    async def do_open(self, content):
-        await self.send_json(await database_sync_to_async(chat.open_payload)(self.user, content.get("conversation"), set(LIVE)))
+    # Handlers get the message's fields checked by studio/protocol.py (ids are ints in range, texts are str).
 
-    async def do_send(self, content):
+    async def do_open(self, fields):
+        for frame in await database_sync_to_async(chat.open_frames)(self.user, fields["conversation"], set(LIVE)):
+            await self.send_json(frame)
+
+    async def do_send(self, fields):
         self._require_idle()
         conv, created, question, answer = await database_sync_to_async(chat.start_exchange)(
-            self.user, content.get("conversation"), content.get("parent"), content.get("text"), content.get("settings"))
+            self.user, fields["conversation"], fields["parent"], fields["text"], fields["settings"])
         if created:
             await self.send_json({"type": "created", "conversation": await self._json(chat.conversation_json, conv)})
         await self._begin(conv, question, answer)
 
-    async def do_edit(self, content):
+    async def do_edit(self, fields):
         self._require_idle()
-        conv, question, answer = await database_sync_to_async(chat.start_edit)(self.user, content.get("message"), content.get("text"))
+        conv, question, answer = await database_sync_to_async(chat.start_edit)(self.user, fields["message"], fields["text"])
         await self._begin(conv, question, answer)
 
-    async def do_regenerate(self, content):
+    async def do_regenerate(self, fields):
         self._require_idle()
-        conv, answer = await database_sync_to_async(chat.start_regenerate)(self.user, content.get("message"))
+        conv, answer = await database_sync_to_async(chat.start_regenerate)(self.user, fields["message"])
         await self._begin(conv, None, answer)
 
-    async def do_continue(self, content):
+    async def do_continue(self, fields):
         self._require_idle()
-        try:
-            other = LIVE.get(int(content.get("message")))
-        except (TypeError, ValueError):
-            raise ChatError("continue needs the id of an answer", "message") from None
-        if other is not None and other is not self:
+        # Whose answer it is comes first: another person's id must not reach the generation writing it.
+        answer = await database_sync_to_async(chat.get_message)(self.user, fields["message"])
+        other = LIVE.get(answer.id)
+        if other is not None and other is not self and other.user.pk == self.user.pk:
             await other._stop("interrupted")  # the same answer open in another tab: this page takes it over
-        conv, answer = await database_sync_to_async(chat.prepare_continue)(self.user, content.get("message"), set(LIVE))
+        conv, answer = await database_sync_to_async(chat.prepare_continue)(self.user, answer.id, set(LIVE))
         self._start_job(conv, answer)
 
-    async def do_stop(self, content):
-        await self._stop("stopped")
+    async def do_stop(self, fields):
+        await self._stop("stopped")  # only this socket's own answer
 
-    async def do_select(self, content):
-        conv = await database_sync_to_async(chat.select_version)(self.user, content.get("conversation"), content.get("message"))
+    async def do_select(self, fields):
+        conv = await database_sync_to_async(chat.select_version)(self.user, fields["conversation"], fields["message"])
         await self.send_json({"type": "leaf", "conversation": conv.id, "leaf": conv.leaf_id})
 
-    async def do_settings(self, content):
-        conv = await database_sync_to_async(chat.save_settings)(self.user, content.get("conversation"), content.get("settings"))
+    async def do_settings(self, fields):
+        conv = await database_sync_to_async(chat.save_settings)(self.user, fields["conversation"], fields["settings"])
         await self.send_json({"type": "settings", "conversation": conv.id, "settings": chat.conversation_settings(conv)})
 
     def _require_idle(self):
@@ -295,9 +306,9 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         return await database_sync_to_async(fn)(*args)
 
     async def _begin(self, conv, question, answer):
-        if question is not None:
-            await self.send_json({"type": "message", "message": await self._json(chat.message_json, question, conv.mode)})
-        await self.send_json({"type": "message", "message": await self._json(chat.message_json, answer, conv.mode)})
+        for message in ([question] if question is not None else []) + [answer]:
+            for frame in await self._json(chat.message_frames, "message", message, conv.mode):
+                await self.send_json(frame)
         await self.send_json({"type": "leaf", "conversation": conv.id, "leaf": answer.id})
         self._start_job(conv, answer)
 
@@ -375,7 +386,8 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             await self._send_quietly({"type": "error", "error": "the conversation was deleted while the answer was written",
                                       "field": "conversation"})
             return
-        await self._send_quietly({"type": "done", "message": await self._json(chat.message_json, message, job.mode)})
+        for frame in await self._json(chat.message_frames, "done", message, job.mode):
+            await self._send_quietly(frame)
 
     async def _pump(self, job: _Job, queue: asyncio.Queue) -> tuple:
         """Forward the thread's tokens as batched deltas, saving now and then; return its last item."""

@@ -183,7 +183,17 @@ def pause_run(request, run_id):
 
 @require_POST
 def resume_run(request, run_id):
-    return _act(request, run_id, actions.resume_run, lambda run: f"Run {run.id} is queued again; it continues from its first unfinished stage.")
+    # An optional GPU count moves the run (the run page's "on N GPUs" field); the config schema checks it.
+    gpus = request.POST.get("gpus", "").strip() or None
+
+    def resume(run):
+        try:
+            return actions.resume_run(run, gpus=gpus)
+        except config.ConfigError as e:
+            raise actions.ActionError(str(e)) from None
+
+    return _act(request, run_id, resume, lambda run: f"Run {run.id} is queued again on {run.config['nproc_per_node']} GPU(s) "
+                                                     "per node; it continues from its first unfinished stage.")
 
 
 def _stop_message(run):
@@ -221,7 +231,13 @@ def chat_page(request, conversation_id=None):
     settings = chat.conversation_settings(conversation) if conversation else chat.default_settings(checkpoints)
     if conversation is None and request.GET.get("run"):
         # "Chat with this run" (the run page): its most advanced stage, or the stage and step asked for.
-        settings = chat.preselect(settings, checkpoints, request.GET.get("run"), request.GET.get("stage"), request.GET.get("step"))
+        # A link with a bad step still opens the chat, on the latest step, and says so.
+        try:
+            step = chat.step_param(request.GET.get("step"))
+        except chat.ChatError as e:
+            messages.warning(request, str(e))
+            step = None
+        settings = chat.preselect(settings, checkpoints, request.GET.get("run"), request.GET.get("stage"), step)
     config = {
         "conversation": conversation.id if conversation else None,
         "ws_path": "/ws/chat/",

@@ -308,3 +308,89 @@ def test_refresh_mid_answer_keeps_streaming_and_stop_ends_it(manage_env, tmp_pat
         page.reload()
         expect(page.locator("#conn-state")).to_have_text("live", timeout=30_000)
         expect(assistant(page, 0)).to_have_attribute("data-status", "stopped", timeout=30_000)
+
+
+# Opens the run and chat sockets of the studio at `base` from whatever page it runs in, says hello /
+# opens the conversation, and returns the type of every message each socket received.
+PROBE_SOCKETS = """async ({base, run, conversation}) => {
+    function probe(path, first, wanted) {
+        return new Promise((resolve) => {
+            const got = [];
+            const done = () => { try { ws.close(); } catch (err) {} resolve(got); };
+            const ws = new WebSocket(base + path);
+            ws.onopen = () => ws.send(JSON.stringify(first));
+            ws.onmessage = (e) => {
+                try { got.push(JSON.parse(e.data).type); } catch (err) { got.push("unreadable"); }
+                if (got.includes(wanted)) done();
+            };
+            ws.onclose = () => resolve(got);
+            setTimeout(done, 5000);
+        });
+    }
+    return {
+        runs: await probe(`/ws/runs/${run}/`, {type: "hello", after: null}, "snapshot"),
+        chat: await probe("/ws/chat/", {type: "open", conversation}, "conversation"),
+    };
+}"""
+
+
+@contextmanager
+def other_site():
+    """A page on another port of the same host, as any local web app or dev server would serve it."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Page(BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = b"<!doctype html><title>another site</title><p>nothing to see</p>"
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Page)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_page_on_another_port_cannot_read_the_studios_sockets(manage_env, tmp_path):
+    """Cross-site WebSocket hijacking: the browser sends the studio's session cookie (same site: the
+    port does not count) to sockets opened by a page of another port. Before the origin check of
+    studio/origin.py such a page received the person's conversation and the run's snapshot."""
+    chromium = require_chromium()
+    from playwright.sync_api import sync_playwright
+
+    with StudioServer(manage_env, tmp_path / "studio") as studio, other_site() as elsewhere, \
+            sync_playwright() as playwright:
+        register_run(studio, "origin-run")
+        created = studio.manage("shell", "-c", (
+            "from django.contrib.auth.models import User; from studio.models import Conversation, Message; "
+            f"c = Conversation.objects.create(owner=User.objects.get(username={studio.username!r}), title='private'); "
+            "Message.objects.create(conversation=c, role='user', content='a secret'); print(c.id)"))
+        conversation = int(created.stdout.strip().splitlines()[-1])
+        browser = playwright.chromium.launch(executable_path=chromium)
+        page = browser.new_page()
+        try:
+            log_in(page, studio)
+            target = {"base": f"ws://127.0.0.1:{studio.port}", "run": "origin-run", "conversation": conversation}
+
+            page.goto(studio.url("/chat/"))  # the same code from the studio's own page works
+            own = page.evaluate(PROBE_SOCKETS, target)
+            assert "snapshot" in own["runs"] and "conversation" in own["chat"], own
+
+            page.goto(elsewhere)
+            assert page.url.startswith(elsewhere)
+            foreign = page.evaluate(PROBE_SOCKETS, target)
+            assert foreign == {"runs": [], "chat": []}, f"a page of {elsewhere} read the studio's sockets: {foreign}"
+        finally:
+            browser.close()
+        assert "Traceback" not in studio.logs["daphne"].read_text()

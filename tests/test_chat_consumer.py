@@ -8,6 +8,8 @@ limits and protocol errors. The model pool is the real one (studio.serving).
 from __future__ import annotations
 
 import asyncio
+import json
+import time
 
 import pytest
 from asgiref.sync import async_to_sync
@@ -47,10 +49,14 @@ def communicator(user):
 
 
 async def receive(comm, kind, timeout=20):
-    """The next message of `kind`, with every message skipped on the way."""
+    """The next message of `kind` within `timeout` s, with every message skipped on the way."""
     skipped = []
+    deadline = time.monotonic() + timeout
     while True:
-        message = await comm.receive_json_from(timeout=timeout)
+        left = deadline - time.monotonic()
+        if left <= 0:  # pings alone would keep a wait for a message that never comes going forever
+            raise AssertionError(f"no {kind!r} within {timeout} s; got {[m['type'] for m in skipped]}: {skipped[-3:]}")
+        message = await comm.receive_json_from(timeout=left)
         if message["type"] == kind:
             message["skipped"] = skipped
             return message
@@ -264,12 +270,18 @@ def test_protocol_errors_close_and_anonymous_sockets_are_refused(run, user):
         comm = communicator(user)
         await comm.connect()
         await comm.send_json_to({"type": "launch-missiles"})
-        await receive(comm, "error")
+        unknown = await receive(comm, "error")  # a bad field (here the type): an error, the socket stays
+        await comm.send_json_to({"type": "ping"})
+        await receive(comm, "pong")
+        await comm.send_to(text_data="not json")  # not a JSON object at all: a broken page, closed
+        garbage = await receive(comm, "error")
         closed = await comm.receive_output(timeout=5)
-        return closed_anon, closed
+        return closed_anon, unknown, garbage, closed
 
-    closed_anon, closed = async_to_sync(scenario)()
+    closed_anon, unknown, garbage, closed = async_to_sync(scenario)()
     assert closed_anon == {"type": "websocket.close", "code": 4401}
+    assert unknown["field"] == "type" and "open, send" in unknown["error"]
+    assert "JSON" in garbage["error"]
     assert closed == {"type": "websocket.close", "code": 4400}
 
 
@@ -338,3 +350,74 @@ def test_the_socket_greets_with_a_ping_and_answers_pings(user):
 
     greeting, quiet, answer = async_to_sync(scenario)()
     assert greeting["type"] == "ping" and quiet and answer == {"type": "pong"}
+
+
+FRAME_LIMIT = 1024 * 1024  # daphne refuses to send a bigger WebSocket message (the socket dies with 1011)
+
+
+def token_probs(i):
+    """What one completion token stores: its text, probability and five alternatives (~150 bytes)."""
+    return {"t": f" word{i % 997}", "p": 0.12345, "top": [[f" alt{i % 89}-{k}", round(0.2 - k * 0.03, 5)] for k in range(5)]}
+
+
+def big_completion_conversation(user, answers=24, tokens=1300, huge_tokens=9000):
+    """A completion conversation of several MiB: `answers` regenerated versions of `tokens` tokens each
+    under one prompt, and one more answer whose probabilities alone pass 1 MiB."""
+    conv = Conversation.objects.create(owner=user, title="big", mode="completion")
+    prompt = Message.objects.create(conversation=conv, role="user", content="Once upon a time")
+    last = None
+    for n in [tokens] * answers + [huge_tokens]:
+        text = "".join(f" word{i % 997}" for i in range(n))
+        last = Message.objects.create(conversation=conv, parent=prompt, role="assistant", status="done",
+                                      parts=[{"type": "text", "text": text}], content=text,
+                                      token_ids=list(range(n)), probs=[token_probs(i) for i in range(n)])
+    conv.leaf = last
+    conv.save()
+    return conv
+
+
+def test_a_conversation_of_several_mib_opens_in_frames_under_the_limit(user):
+    """Before: one "conversation" frame of ~6 MiB, refused by daphne (1011), and the page reconnected forever."""
+    conv = big_completion_conversation(user)
+    whole = chat.open_payload(user, conv.id, set())
+    assert len(json.dumps(whole)) > 4 * FRAME_LIMIT
+
+    async def scenario():
+        comm = communicator(user)
+        await comm.connect()
+        await comm.send_json_to({"type": "open", "conversation": conv.id})
+        await comm.send_json_to({"type": "ping"})  # messages are handled in order: its pong comes after every frame
+        frames = []
+        while not frames or json.loads(frames[-1])["type"] != "pong":
+            frames.append((await comm.receive_output(timeout=20))["text"])
+        await comm.disconnect()
+        return frames
+
+    texts = async_to_sync(scenario)()
+    assert max(len(t.encode()) for t in texts) < FRAME_LIMIT
+    frames = [json.loads(t) for t in texts if json.loads(t)["type"] not in ("ping", "pong")]
+    kinds = [f["type"] for f in frames]
+    assert kinds[0] == "conversation" and "messages" in kinds and "probs" in kinds
+    # Put back together as chat.js does: conversation + messages until more is false, then probs.
+    got = frames[0]
+    pieces = [f for f in frames if f["type"] == "messages"]
+    assert [f["more"] for f in [got] + pieces] == [True] * len(pieces) + [False]
+    messages = got["messages"] + [m for f in pieces for m in f["messages"]]
+    by_id = {m["id"]: m for m in messages}
+    for f in frames:
+        if f["type"] == "probs":
+            target = by_id[f["message"]]["probs"]
+            assert len(target) == f["offset"]  # pieces arrive in order, none lost
+            target.extend(f["probs"])
+    assert messages == whole["messages"]
+    assert (got["conversation"], got["leaf"], got["generating"]) == (whole["conversation"], whole["leaf"], whole["generating"])
+
+
+def test_a_done_too_big_for_one_frame_is_followed_by_its_probabilities(user):
+    conv = big_completion_conversation(user, answers=0)
+    frames = chat.message_frames("done", conv.leaf, "completion")
+    assert frames[0]["type"] == "done" and frames[0]["message"]["probs"] == [] and len(frames) > 2
+    assert all(len(json.dumps(f)) < FRAME_LIMIT for f in frames)
+    assert [p for f in frames[1:] for p in f["probs"]] == conv.leaf.probs
+    small = chat.message_frames("done", conv.messages.first(), "completion")
+    assert len(small) == 1 and small[0]["message"]["role"] == "user"

@@ -150,30 +150,36 @@ def test_unknown_run_is_closed_with_4404(runs_dir, user):
     async_to_sync(scenario)()
 
 
-@pytest.mark.parametrize("message", [{"type": "hello", "after": -1}, {"type": "hello", "after": "7"}])
-def test_a_bad_hello_gets_an_error_and_is_closed(run, user, message):
+@pytest.mark.parametrize("message", [{"type": "hello", "after": -1}, {"type": "hello", "after": "7"},
+                                     {"type": "hello", "after": 1e400}, {"type": "hello", "after": [7]}])
+def test_a_bad_hello_gets_an_error_naming_after_and_the_socket_keeps_serving(run, user, message):
     async def scenario():
         comm = communicator(run.id, user)
         await comm.connect()
         await comm.send_json_to(message)
         error = await receive(comm, "error")
-        assert "hello.after must be null" in error["message"]
-        assert (await comm.receive_output(timeout=3))["code"] == 4400
+        assert error["field"] == "after" and "after must be null or a sequence number" in error["message"]
+        await comm.send_json_to({"type": "hello", "after": None})
+        await receive(comm, "snapshot")
+        await comm.disconnect()
 
     async_to_sync(scenario)()
 
 
-def test_messages_that_are_not_json_objects_are_answered_not_crashed_on(run, user):
+def test_unknown_types_get_an_error_and_frames_that_are_not_json_objects_close_4400(run, user):
     async def scenario():
         comm = communicator(run.id, user)
         await comm.connect()
-        await comm.send_to(text_data="not json")
-        assert "JSON" in (await receive(comm, "error"))["message"]
         await comm.send_json_to({"type": "shout"})
-        assert "unknown message type" in (await receive(comm, "error"))["message"]
+        error = await receive(comm, "error")
+        assert error["field"] == "type" and "hello, ping, pong" in error["message"]
+        await comm.send_json_to({"type": "ping"})
+        await receive(comm, "pong")
         await comm.send_json_to({"type": "hello", "after": None})
         await receive(comm, "snapshot")
-        await comm.disconnect()
+        await comm.send_to(text_data="not json")
+        assert "JSON" in (await receive(comm, "error"))["message"]
+        assert (await comm.receive_output(timeout=3)) == {"type": "websocket.close", "code": 4400}
 
     async_to_sync(scenario)()
 

@@ -10,7 +10,9 @@
      spans with their probability and top alternatives in a popover;
    - the sidebar: filter, rename and delete (fetch with Accept: application/json);
    - settings: checked against chat_config.limits, then sent (debounced) to the open conversation;
-   - reconnect with backoff, re-"open" the conversation, and continue an interrupted answer.
+   - reconnect with backoff, re-"open" the conversation, and continue an interrupted answer;
+   - big payloads come in frames under daphne's 1 MiB limit: a conversation as "conversation" +
+     "messages" frames (conversationAssembler), token probabilities as "probs" frames (applyProbs).
 
    Text from people and models goes in with textContent. The only innerHTML is the server's
    "html" of finished text parts: Markdown rendered without raw HTML and sanitised by nh3.
@@ -210,6 +212,47 @@
     return !q || String(title || "").toLowerCase().includes(q);
   }
 
+  /** Puts a conversation sent in frames back together. The server keeps every WebSocket frame under
+      daphne's 1 MiB limit (studio.chat.open_frames): "conversation" with the first messages and
+      more: true, then "messages" frames {conversation, messages, more} until more is false.
+      feed(msg) returns the whole "conversation" message once its last frame came, else null;
+      a new "conversation" starts over (the page re-opened it after a reconnect). */
+  function conversationAssembler() {
+    let pending = null;
+    return {
+      feed(msg) {
+        if (!msg || typeof msg !== "object") return null;
+        if (msg.type === "conversation") {
+          pending = Object.assign({}, msg, {messages: Array.isArray(msg.messages) ? msg.messages.slice() : []});
+        } else if (msg.type === "messages") {
+          // A piece of a conversation this page no longer waits for (it opened another): dropped.
+          if (!pending || !pending.conversation || pending.conversation.id !== msg.conversation) return null;
+          for (const m of Array.isArray(msg.messages) ? msg.messages : []) pending.messages.push(m);
+        } else {
+          return null;
+        }
+        if (msg.more) return null;
+        const whole = pending;
+        pending = null;
+        delete whole.more;
+        return whole;
+      },
+      get waiting() {
+        return pending !== null;
+      },
+    };
+  }
+
+  /** A "probs" frame: the token probabilities of a message too big for one frame, from `offset` on
+      (they follow its "done", or the conversation that holds it). Returns the message. */
+  function applyProbs(message, offset, probs) {
+    if (!Array.isArray(message.probs)) message.probs = [];
+    if (!Array.isArray(probs) || !Number.isInteger(offset) || offset < 0) return message;
+    while (message.probs.length < offset) message.probs.push(null);  // a lost piece stays a gap, not a shift
+    for (let i = 0; i < probs.length; i++) message.probs[offset + i] = probs[i];
+    return message;
+  }
+
   /** The rename / delete URL of a conversation from its page URL (studio/urls.py: chat/<id>/rename/). */
   function actionUrl(conversationUrl, action) {
     return conversationUrl.replace(/\/?$/, "/") + `${action}/`;
@@ -218,7 +261,7 @@
   const NanoChat = {
     branchPath, siblingsOf, versionInfo, messageText, applyDelta, validateSettings,
     stepOptions, findCheckpoint, alignTokens, documentSegments, documentText, autoContinueTarget, charCounter,
-    waitingText, titleMatches, actionUrl,
+    waitingText, titleMatches, actionUrl, conversationAssembler, applyProbs,
   };
   root.NanoChat = NanoChat;
   if (typeof module !== "undefined" && module.exports) module.exports = NanoChat;
@@ -925,7 +968,12 @@
 
     function receive(msg) {
       switch (msg.type) {
-        case "conversation": return onConversation(msg);
+        case "conversation":
+        case "messages": {
+          const whole = assembler.feed(msg);
+          return whole ? onConversation(whole) : undefined;
+        }
+        case "probs": return onProbs(msg);
         case "created": return onCreated(msg.conversation);
         case "message": return onMessage(msg.message);
         case "leaf":
@@ -947,6 +995,15 @@
         case "error": return onError(msg);
         default: return undefined;
       }
+    }
+
+    const assembler = conversationAssembler();
+
+    function onProbs(msg) {
+      const message = state.messages.get(msg.message);
+      if (!message) return;
+      applyProbs(message, msg.offset, msg.probs);
+      schedule(true);
     }
 
     function onConversation(msg) {

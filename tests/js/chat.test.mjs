@@ -156,3 +156,44 @@ test("the picker finds the checkpoint of the settings by run and stage", () => {
   assert.equal(C.findCheckpoint(checkpoints, {run: "gone", stage: "sft_train"}), -1);
   assert.equal(C.findCheckpoint(checkpoints, null), -1);
 });
+
+test("a conversation sent in frames is put back together, in order, once its last frame came", () => {
+  const a = C.conversationAssembler();
+  const conv = {id: 7};
+  assert.equal(a.feed({type: "conversation", conversation: conv, messages: [msg(1, null, "user")], leaf: 3, generating: null, more: true}), null);
+  assert.equal(a.waiting, true);
+  assert.equal(a.feed({type: "messages", conversation: 7, messages: [msg(2, 1, "assistant")], more: true}), null);
+  // A piece of another conversation (one the page opened before) is not mixed in.
+  assert.equal(a.feed({type: "messages", conversation: 8, messages: [msg(99, null, "user")], more: false}), null);
+  const whole = a.feed({type: "messages", conversation: 7, messages: [msg(3, 2, "user")], more: false});
+  assert.deepEqual(whole.messages.map((m) => m.id), [1, 2, 3]);
+  assert.equal(whole.leaf, 3);
+  assert.equal("more" in whole, false);
+  assert.equal(a.waiting, false);
+});
+
+test("a conversation in one frame is whole at once, and a new one starts the assembly over", () => {
+  const a = C.conversationAssembler();
+  const one = a.feed({type: "conversation", conversation: {id: 1}, messages: [msg(1, null, "user")], leaf: 1, more: false});
+  assert.deepEqual(one.messages.map((m) => m.id), [1]);
+  a.feed({type: "conversation", conversation: {id: 2}, messages: [msg(5, null, "user")], more: true});
+  a.feed({type: "conversation", conversation: {id: 2}, messages: [msg(6, null, "user")], more: true});  // re-opened
+  const whole = a.feed({type: "messages", conversation: 2, messages: [msg(7, 6, "assistant")], more: false});
+  assert.deepEqual(whole.messages.map((m) => m.id), [6, 7]);
+  assert.equal(a.feed({type: "messages", conversation: 2, messages: [], more: false}), null);  // nothing pending
+});
+
+test("probs frames fill a message's token probabilities from their offset", () => {
+  const m = msg(4, 3, "assistant", {probs: []});
+  C.applyProbs(m, 0, [{t: "a", p: 0.5, top: []}, {t: "b", p: 0.4, top: []}]);
+  C.applyProbs(m, 2, [{t: "c", p: 0.3, top: []}]);
+  assert.deepEqual(m.probs.map((p) => p.t), ["a", "b", "c"]);
+  C.applyProbs(m, 2, [{t: "c", p: 0.3, top: []}]);  // a piece seen twice (a re-open) changes nothing
+  assert.equal(m.probs.length, 3);
+  C.applyProbs(m, 5, [{t: "f", p: 0.1, top: []}]);  // a lost piece leaves a gap, the rest stays in place
+  assert.equal(m.probs.length, 6);
+  assert.equal(m.probs[5].t, "f");
+  C.applyProbs(m, -1, [{t: "x"}]);
+  C.applyProbs(m, "2", [{t: "x"}]);
+  assert.equal(m.probs[2].t, "c");
+});
