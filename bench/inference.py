@@ -1,4 +1,4 @@
-"""Benchmark inference: our Engine (trainer/engine.py) vs HuggingFace transformers generate().
+"""Benchmark inference: our Engine (gpt/engine.py) vs HuggingFace transformers generate().
 
 Usage:
     python bench/inference.py                          # CPU: depths 4 and 8, vocab 32768, fp32 (a few minutes)
@@ -61,8 +61,8 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from trainer.engine import STOP_TOKENS, Engine  # noqa: E402
-from trainer.model import GPTConfig, build_model  # noqa: E402
+from gpt.engine import STOP_TOKENS, Engine  # noqa: E402
+from gpt.model import GPTConfig, build_model  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 

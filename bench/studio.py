@@ -92,7 +92,7 @@ STUDIO_SETTINGS = {"SECRET_KEY", "DEBUG", "ALLOWED_HOSTS", "CSRF_TRUSTED_ORIGINS
 # schedule (no drift), like a fast trainer. EventWriter stamps "time".
 WRITER_STAGE = r'''
 import sys, time
-from trainer.events import EventWriter
+from pipeline.events import EventWriter
 
 run_dir, stage, seconds, interval = sys.argv[1], sys.argv[2], float(sys.argv[3]), float(sys.argv[4])
 steps = max(1, round(seconds / interval))
@@ -127,7 +127,7 @@ import django
 django.setup()
 from studio import actions
 from studio.models import Run
-from trainer import config
+from pipeline import config
 
 with open(sys.argv[1]) as f:
     spec = json.load(f)
@@ -191,7 +191,7 @@ def tail(path: Path, lines: int = 30) -> str:
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
-    from trainer.events import read_events
+    from pipeline.events import read_events
 
     events, _ = read_events(run_dir)
     return [e for e in events if e.get("kind") == "metric" and "step" in e]

@@ -58,8 +58,8 @@ def matmul_peak(dtype_name: str, n: int = 2048, repeats: int = 5) -> float:
 
 def unigram_bpb(run_dir: Path, train_tokens: int) -> float:
     """Bits per byte of the best token-frequency model (add-one smoothed) on the validation shard."""
-    from trainer import dataset
-    from trainer.tokenizer import Tokenizer
+    from pipeline import dataset
+    from gpt.tokenizer import Tokenizer
 
     tok = Tokenizer.from_dir(run_dir)
     shards = dataset.pretrain_shards("fineweb-edu", 5)
@@ -84,9 +84,9 @@ def unigram_bpb(run_dir: Path, train_tokens: int) -> float:
 
 
 def loader_tokens_per_sec(run_dir: Path, batch: int, seq: int, threads: int, seconds: float = 15.0) -> float:
-    from trainer import dataset
-    from trainer.data import PretrainLoader
-    from trainer.tokenizer import Tokenizer
+    from pipeline import dataset
+    from gpt.data import PretrainLoader
+    from gpt.tokenizer import Tokenizer
 
     tok = Tokenizer.from_dir(run_dir)
     shards = dataset.pretrain_shards("fineweb-edu", 5)
@@ -108,8 +108,8 @@ def prepare_run(run_dir: Path, preset: dict) -> None:
 
 
 def cpu_bench(args) -> dict:
-    from trainer import config
-    from trainer.events import read_events
+    from pipeline import config
+    from pipeline.events import read_events
 
     cfg = config.resolve("tiny")
     run = Path(args.run_dir or REPO / "bench" / "results" / "train_run")
@@ -172,9 +172,9 @@ def cpu_bench(args) -> dict:
 def gpu_bench(args) -> list[dict]:
     import torch
 
-    from trainer import common
-    from trainer.model import GPTConfig, build_model
-    from trainer.optim import build_optimizer
+    from gpt import common
+    from gpt.model import GPTConfig, build_model
+    from gpt.optim import build_optimizer
 
     ctx = common.setup("cuda", "bfloat16")
     peak = common.peak_flops(ctx.device_name)

@@ -45,8 +45,9 @@ from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from studio.models import GpuLease, Run, RunEvent, StageRun, new_run_id, tail_lines
-from trainer import config, report
-from trainer.events import CONFIG_FILE, latest_checkpoint, stage_log_path, tail_events, write_json_atomic
+from pipeline import config, report, stages
+from pipeline.checkpoints import latest_checkpoint
+from pipeline.events import CONFIG_FILE, stage_log_path, tail_events, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -210,7 +211,7 @@ def _stopped_outcome(request: str, where: str) -> tuple[str, str]:
 def _resume_args(run: Run, stage: StageRun) -> list[str]:
     # A stage that saved checkpoints continues from its latest one (exactly:
     # model, optimizer, data position) instead of starting over.
-    if stage.name in config.RESUMABLE_STAGES and latest_checkpoint(run.run_dir / "checkpoints" / stage.name):
+    if stages.get(stage.name).resumable and latest_checkpoint(run.run_dir / "checkpoints" / stage.name):
         return ["--resume"]
     return []
 
@@ -226,7 +227,7 @@ def _run_stage(run, stage, command, on_event, on_stage, stop_check) -> str:
     env = {**os.environ, **command.env, "PYTHONUNBUFFERED": "1"}
 
     gpus = None
-    if stage.name in config.DISTRIBUTED_STAGES and host_gpu_count():
+    if stages.get(stage.name).distributed and host_gpu_count():
         gpus = lease_gpus(run, stage, run.config["nproc_per_node"], stop_check)
         if gpus is None:  # asked to stop while waiting for GPUs
             paused = (_stop_requested(run, stop_check) or CANCEL) == PAUSE

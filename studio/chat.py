@@ -24,10 +24,9 @@ from django.utils import timezone
 import studio.live
 from studio.models import Conversation, Message, Run
 from studio.render import markdown_html
-from trainer import checkpoint
-from trainer.events import complete_checkpoints
+from pipeline import checkpoints, stages
+from pipeline.checkpoints import complete_checkpoints
 
-COMPLETION_STAGES = {"base_train"}
 DEFAULT_SAMPLING = {"temperature": 0.6, "top_k": 50, "max_tokens": 256, "seed": None}
 BOUNDS = {"temperature": (0.0, 2.0), "top_k": (0, 1000), "seed": (0, 2**31 - 1)}
 TITLE_CHARS = 60
@@ -68,7 +67,7 @@ def limits() -> dict:
 
 
 def mode_of(stage: str) -> str:
-    return Conversation.Mode.COMPLETION if stage in COMPLETION_STAGES else Conversation.Mode.CHAT
+    return Conversation.Mode.COMPLETION if stages.get(stage).chat_mode == "completion" else Conversation.Mode.CHAT
 
 
 def list_checkpoints(runs=None) -> list[dict]:
@@ -76,8 +75,8 @@ def list_checkpoints(runs=None) -> list[dict]:
     runs = Run.objects.order_by("-created_at") if runs is None else runs
     found = []
     for run in runs:
-        for stage in checkpoint.MODEL_STAGES:
-            steps = [step for step in map(_step_of, complete_checkpoints(checkpoint.stage_dir(run.run_dir, stage))) if step is not None]
+        for stage in stages.model_stages():
+            steps = [step for step in map(_step_of, complete_checkpoints(checkpoints.stage_dir(run.run_dir, stage))) if step is not None]
             if steps:
                 found.append({"run": run.id, "run_label": run.name or run.id, "stage": stage,
                               "mode": mode_of(stage), "steps": sorted(steps)})
@@ -103,8 +102,8 @@ def clean_settings(data, current: dict | None = None) -> dict:
             if value not in (None, "") and not isinstance(value, str):
                 raise ChatError(f"{key} must be text", key)
             out[key] = value or None
-    if out["stage"] is not None and out["stage"] not in checkpoint.MODEL_STAGES:
-        raise ChatError(f"stage must be one of {', '.join(checkpoint.MODEL_STAGES)}", "stage")
+    if out["stage"] is not None and out["stage"] not in stages.model_stages():
+        raise ChatError(f"stage must be one of {', '.join(stages.model_stages())}", "stage")
     if "step" in data:
         out["step"] = _number(data["step"], "step", int, 0, 10**12, allow_none=True)
     if "temperature" in data:
@@ -257,7 +256,7 @@ def _require_checkpoint(conv: Conversation):
     if conv.run_id is None:
         raise ChatError("the run of this chat's checkpoint was deleted; pick another checkpoint", "run")
     try:
-        return checkpoint.find(conv.run.run_dir, conv.stage, conv.step)
+        return checkpoints.find(conv.run.run_dir, conv.stage, conv.step)
     except FileNotFoundError as e:
         raise ChatError(f"{e}; pick another checkpoint", "step") from None
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from trainer.report import format_duration  # noqa: F401 (one formatter for the pages, runjob and the report)
+from pipeline.report import format_duration  # noqa: F401 (one formatter for the pages, runjob and the report)
 
 
 def format_value(value, width: int = 40) -> str:

@@ -1,6 +1,6 @@
-"""The "new run" form, built from trainer.config.FIELDS.
+"""The "new run" form, built from pipeline.config.FIELDS.
 
-Values are checked by trainer.config.resolve, the same schema the CLI and the
+Values are checked by pipeline.config.resolve, the same schema the CLI and the
 stage commands use, so a message reads the same everywhere. The form only
 renders the inputs (with the schema's help, min and max for the browser)
 and maps the schema's errors onto the fields.
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from django import forms
 
-from trainer import config
+from pipeline import config, stages
 
 
 class StageCheckboxes(forms.CheckboxSelectMultiple):
@@ -18,7 +18,7 @@ class StageCheckboxes(forms.CheckboxSelectMultiple):
 
     def create_option(self, name, value, label, selected, index, subindex=None, attrs=None):
         option = super().create_option(name, value, label, selected, index, subindex, attrs)
-        if not config.stage_available(value):
+        if not stages.get(value).available:
             option["attrs"]["disabled"] = True
         return option
 
@@ -31,7 +31,7 @@ class StagesField(forms.MultipleChoiceField):
 
 
 def stage_choices():
-    return [(s, s if config.stage_available(s) else f"{s} (coming)") for s in config.STAGE_ORDER]
+    return [(s.name, s.name if s.available else f"{s.name} (coming)") for s in stages.STAGES]
 
 
 def _number(value) -> str:

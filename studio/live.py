@@ -20,7 +20,7 @@ from django.urls import reverse
 
 from studio.models import Run, RunEvent, StageRun, tail_lines
 from studio.render import markdown_html
-from trainer.events import stage_log_path
+from pipeline.events import stage_log_path
 
 SNAPSHOT_MAX_METRICS = 4000  # metric points per stage in a snapshot, at most (about)
 SNAPSHOT_FULL_TAIL = 500  # the most recent metric points always come at full rate

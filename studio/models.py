@@ -18,7 +18,7 @@ from django.urls import reverse
 from django.utils import timezone
 
 from studio.formatting import event_fields
-from trainer.events import stage_log_path
+from pipeline.events import stage_log_path
 
 
 def new_run_id() -> str:

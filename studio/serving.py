@@ -180,10 +180,10 @@ def load_checkpoint(key: str, device: str) -> Loaded:
 
     import torch
 
-    from trainer.checkpoint import load_for_inference
-    from trainer.common import cpu_supports_bf16
-    from trainer.engine import Engine
-    from trainer.tokenizer import Tokenizer
+    from gpt.checkpoint import load_for_inference
+    from gpt.common import cpu_supports_bf16
+    from gpt.engine import Engine
+    from gpt.tokenizer import Tokenizer
 
     path = Path(key)
     run_dir = path.parent.parent.parent  # <run>/checkpoints/<stage>/step_N
@@ -226,7 +226,7 @@ class Request:
 
 def build_prompt(loaded: Loaded, request: Request) -> list[int]:
     """The prompt ids: the conversation (oldest exchanges dropped to fit) or the document's end, plus prior ids."""
-    from trainer.chat_cli import fit_history
+    from gpt.engine import fit_history
 
     tok = loaded.tokenizer
     context = loaded.sequence_len
@@ -247,7 +247,7 @@ def run_generation(slot: Slot, request: Request, stop: threading.Event, emit: Ca
     ("token", id, deltas, probs-or-None), and finally ("end", finish, parts, token_ids, seconds)
     with finish "stop" | "length" | "stopped", or ("error", text).
     """
-    from trainer.engine import AnswerStream
+    from gpt.engine import AnswerStream
 
     try:
         if not slot.has(request.key):

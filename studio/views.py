@@ -19,7 +19,7 @@ from studio.forms import NewRunForm
 from studio.live import run_state
 from studio.models import Conversation, Run
 from studio.render import markdown_html
-from trainer import config
+from pipeline import config
 
 RUNS_PER_PAGE = 50
 COMPARE_MAX_RUNS = 8
@@ -51,14 +51,14 @@ def dashboard_row(run: Run) -> dict:
 
 
 def _hardware(request) -> str:
-    from trainer import estimate
+    from pipeline import estimate
 
     value = request.GET.get("hardware") or request.POST.get("hardware") or estimate.default_hardware()
     return value if value in estimate.HARDWARE else estimate.default_hardware()
 
 
 def new_run(request):
-    from trainer import estimate
+    from pipeline import estimate
 
     if request.method == "POST":
         form = NewRunForm(request.POST, preset=request.POST.get("preset", "tiny"))
@@ -97,7 +97,7 @@ def new_run(request):
 @require_GET
 def estimate_json(request):
     """Parameters, FLOPs, time and cost of the form's configuration on the chosen hardware."""
-    from trainer import estimate
+    from pipeline import estimate
 
     form = NewRunForm(request.GET, preset=request.GET.get("preset", "tiny"))
     if not form.is_valid():

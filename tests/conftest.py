@@ -89,7 +89,7 @@ def free_port():
 
 FAKE_STAGE = r'''
 import os, signal, subprocess, sys, time
-from trainer.events import EventWriter
+from pipeline.events import EventWriter
 
 run_dir, stage, mode = sys.argv[1:4]
 events = EventWriter(run_dir, stage)
@@ -143,7 +143,7 @@ elif mode == "sigterm-parent":
 @pytest.fixture
 def fake_stages(monkeypatch, tmp_path, settings):
     """Replace each stage's command by the fake above; returns {stage: mode} to edit (default "ok")."""
-    from trainer import config
+    from pipeline import config, stages
 
     script = tmp_path / "fake_stage.py"
     script.write_text(FAKE_STAGE)
@@ -152,7 +152,7 @@ def fake_stages(monkeypatch, tmp_path, settings):
     def stage_commands(cfg, run_dir, python=None):
         return [
             config.StageCommand(name, [sys.executable, str(script), str(run_dir), name, modes.get(name, "ok")],
-                                distributed=name in config.DISTRIBUTED_STAGES, env={"PYTHONPATH": str(REPO)})
+                                distributed=stages.get(name).distributed, env={"PYTHONPATH": str(REPO)})
             for name in cfg["stages"]
         ]
 

@@ -22,8 +22,8 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 
-from trainer.model import GPTConfig, build_model
-from trainer.optim import build_optimizer
+from gpt.model import GPTConfig, build_model
+from gpt.optim import build_optimizer
 
 SCENARIOS = {
     # GQA, a sliding-window layer, Muon groups of 6 and 3 matrices (3 is padded to 4 on 2 ranks), sliceable AdamW params

@@ -31,10 +31,10 @@ def save_test_checkpoints(run_dir, model, stages_and_steps) -> None:
 
     from safetensors.torch import save_file
 
-    from trainer import checkpoint
+    from pipeline import checkpoints
 
     for stage, step in stages_and_steps:
-        folder = checkpoint.stage_dir(run_dir, stage) / f"step_{step:06d}"
+        folder = checkpoints.stage_dir(run_dir, stage) / f"step_{step:06d}"
         folder.mkdir(parents=True)
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
         (folder / "meta.json").write_text(json.dumps({"step": step, "model_config": model.config.to_dict()}))
@@ -48,7 +48,7 @@ def make_chat_run(run_dir, stages_and_steps, sequence_len: int = 64):
     import torch
 
     from trainer import tok_train
-    from trainer.model import GPTConfig, build_model
+    from gpt.model import GPTConfig, build_model
 
     os.environ["NANOSTUDIO_DATA_MIRROR"] = str(mirror())
     assert tok_train.main(["--run-dir", str(run_dir), "--vocab-size", "1024", "--max-chars", "300000", "--doc-cap", "5000"]) == 0

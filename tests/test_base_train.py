@@ -12,7 +12,7 @@ import pytest
 
 from tests.helpers import REPO, free_port, mirror
 from trainer import tok_train
-from trainer.events import read_events
+from pipeline.events import read_events
 
 # A model small enough for CPU tests: depth 2, width 64 (one head of 64), context 64.
 TINY = ["--depth", "2", "--aspect-ratio", "32", "--head-dim", "64", "--max-seq-len", "64",
@@ -276,7 +276,7 @@ def test_bad_flags_and_missing_inputs(new_run, tmp_path):
 def test_checkpoint_rng_state_round_trips():
     import torch
 
-    from trainer import checkpoint
+    from gpt import checkpoint
 
     state = checkpoint.rng_state()
     first = torch.rand(4)

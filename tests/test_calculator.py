@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from trainer.calculator import MAX_EXPR_CHARS, evaluate
+from gpt.calculator import MAX_EXPR_CHARS, evaluate
 
 
 @pytest.mark.parametrize("expr, expected", [

@@ -12,7 +12,7 @@ from studio import chat
 from studio.chat import ChatError
 from studio.models import Conversation, Message, Run
 from studio.serving import Pool, Slot
-from trainer.engine import AnswerStream
+from gpt.engine import AnswerStream
 
 pytestmark = pytest.mark.django_db
 
@@ -127,7 +127,7 @@ def test_slots_keep_the_most_recently_used_checkpoints():
 def test_answer_stream_splits_tool_calls_into_parts(tmp_path):
     from tests.helpers import mirror
     from trainer import tok_train
-    from trainer.tokenizer import Tokenizer
+    from gpt.tokenizer import Tokenizer
     import os
 
     os.environ["NANOSTUDIO_DATA_MIRROR"] = str(mirror())
@@ -147,7 +147,7 @@ def test_answer_stream_splits_tool_calls_into_parts(tmp_path):
 
 def test_chat_page_lists_checkpoints_and_only_my_conversations(client, user, django_user_model, runs_dir):
     from tests.helpers import save_test_checkpoints
-    from trainer.model import GPTConfig, build_model
+    from gpt.model import GPTConfig, build_model
 
     run = Run.objects.create(id="r1", name="tiny one", preset="tiny", config={}, status="done")
     model = build_model(GPTConfig(sequence_len=16, vocab_size=64, n_layer=1, n_head=1, n_kv_head=1, n_embd=16), "cpu")
@@ -188,7 +188,7 @@ def test_rename_and_delete_answer_json_and_refuse_other_peoples_chats(client, us
 
 def test_run_page_links_to_a_chat_with_that_run_picked(client, runs_dir):
     from tests.helpers import save_test_checkpoints
-    from trainer.model import GPTConfig, build_model
+    from gpt.model import GPTConfig, build_model
 
     model = build_model(GPTConfig(sequence_len=16, vocab_size=64, n_layer=1, n_head=1, n_kv_head=1, n_embd=16), "cpu")
     newer = Run.objects.create(id="r2", preset="tiny", config={}, status="done")

@@ -54,8 +54,8 @@ def train_chat_checkpoint(run_dir: Path, steps: int = 60) -> None:
     import torch
 
     from trainer import tok_train
-    from trainer.model import GPTConfig, build_model
-    from trainer.tokenizer import Tokenizer
+    from gpt.model import GPTConfig, build_model
+    from gpt.tokenizer import Tokenizer
 
     assert tok_train.main(["--run-dir", str(run_dir), "--vocab-size", "1024", "--max-chars", "300000",
                            "--doc-cap", "5000"]) == 0
@@ -259,7 +259,7 @@ def save_endless_checkpoint(runs_dir: Path) -> None:
 
     import torch
 
-    from trainer.model import GPTConfig, build_model
+    from gpt.model import GPTConfig, build_model
 
     shutil.copytree(runs_dir / RUN_ID / "tokenizer", runs_dir / LONG_RUN / "tokenizer")
     torch.manual_seed(0)

@@ -10,8 +10,10 @@ import sys
 import pytest
 
 from tests.helpers import REPO, make_chat_run
-from trainer import checkpoint, chat_cli
-from trainer.tokenizer import Tokenizer
+from pipeline import checkpoints
+from gpt import engine
+from trainer import chat_cli
+from gpt.tokenizer import Tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -21,16 +23,16 @@ def chat_run(tmp_path_factory):
 
 
 def test_find_prefers_the_most_advanced_stage_and_its_latest_step(chat_run):
-    assert checkpoint.find(chat_run).parent.name == "sft_train"
-    assert checkpoint.find(chat_run, "base_train").name == "step_000020"
-    assert checkpoint.find(chat_run, "base_train", 10).name == "step_000010"
+    assert checkpoints.find(chat_run).parent.name == "sft_train"
+    assert checkpoints.find(chat_run, "base_train").name == "step_000020"
+    assert checkpoints.find(chat_run, "base_train", 10).name == "step_000010"
 
 
 def test_find_names_what_exists_when_nothing_matches(chat_run, tmp_path):
     with pytest.raises(FileNotFoundError, match=r"available: \{'sft_train': \[5\], 'base_train': \[10, 20\]\}"):
-        checkpoint.find(chat_run, "base_train", 999)
+        checkpoints.find(chat_run, "base_train", 999)
     with pytest.raises(FileNotFoundError, match="train a model first"):
-        checkpoint.find(tmp_path)
+        checkpoints.find(tmp_path)
 
 
 def test_printer_never_splits_a_multibyte_character(chat_run):
@@ -57,7 +59,7 @@ def test_history_is_cut_from_the_oldest_exchange(chat_run):
     for i in range(6):
         messages += [{"role": "user", "content": f"question number {i} " * 5}, {"role": "assistant", "content": f"answer {i}"}]
     messages.append({"role": "user", "content": "last"})
-    prompt, kept = chat_cli.fit_history(tok, messages, budget=60)
+    prompt, kept = engine.fit_history(tok, messages, budget=60)
     assert len(prompt) <= 60 and kept[-1]["content"] == "last" and len(kept) < len(messages)
     assert kept[0]["role"] == "user" and tok.decode(prompt).endswith("last<|user_end|><|assistant_start|>")
 

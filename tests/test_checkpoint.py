@@ -9,10 +9,11 @@ import shutil
 import pytest
 import torch
 
-from trainer import checkpoint
-from trainer.events import complete_checkpoints, latest_checkpoint
-from trainer.model import GPTConfig, build_model
-from trainer.optim import build_optimizer
+from pipeline import checkpoints
+from gpt import checkpoint
+from pipeline.checkpoints import complete_checkpoints, latest_checkpoint
+from gpt.model import GPTConfig, build_model
+from gpt.optim import build_optimizer
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
@@ -24,7 +25,7 @@ def save_steps(run_dir, steps, keep_last=10):
     torch.manual_seed(0)
     model = build_model(TINY, "cpu")
     optimizer = build_optimizer(model)
-    root = checkpoint.stage_dir(run_dir, "base_train")
+    root = checkpoints.stage_dir(run_dir, "base_train")
     for step in steps:
         checkpoint.save(root, step, model, optimizer, {"streams": [{"step": step}]},
                         {"model_config": TINY.to_dict()}, keep_last=keep_last)
@@ -56,7 +57,7 @@ def test_a_kill_inside_pruning_never_leaves_a_checkpoint_that_looks_whole(tmp_pa
         model, meta = checkpoint.load_for_inference(p)  # what the chat page offers loads
         assert meta["step"] in (20, 30)
     with pytest.raises(FileNotFoundError, match=r"available: \{'base_train': \[20, 30\]\}"):
-        checkpoint.find(tmp_path, "base_train", 10)
+        checkpoints.find(tmp_path, "base_train", 10)
     # the half-deleted leftover goes at the next prune
     assert [p.name for p in root.iterdir() if p.name.endswith(".deleting")] == ["step_000010.deleting"]
     checkpoint.prune(root, keep_last=2)
@@ -69,16 +70,16 @@ def test_a_step_folder_with_meta_but_no_weights_is_never_offered(tmp_path):
     broken = root / "step_000030"
     shutil.copytree(root / "step_000020", broken)
     (broken / "model.safetensors").unlink()
-    (broken / "meta.json").write_text(json.dumps({**checkpoint.read_meta(root / "step_000020"), "step": 30}))
+    (broken / "meta.json").write_text(json.dumps({**checkpoints.read_meta(root / "step_000020"), "step": 30}))
 
     assert [p.name for p in complete_checkpoints(root)] == ["step_000010", "step_000020"]
     assert latest_checkpoint(root).name == "step_000020"  # what the studio resumes from
-    assert checkpoint.find(tmp_path).name == "step_000020"  # what the chat page and chat CLI open by default
+    assert checkpoints.find(tmp_path).name == "step_000020"  # what the chat page and chat CLI open by default
     with pytest.raises(FileNotFoundError, match=r"no checkpoint for stage base_train, step 30"):
-        checkpoint.find(tmp_path, "base_train", 30)
+        checkpoints.find(tmp_path, "base_train", 30)
     with pytest.raises(FileNotFoundError, match="no model.safetensors .* pick another step"):
         checkpoint.load_for_inference(broken)  # a path kept from before (a conversation's checkpoint)
-    path, skipped = checkpoint.latest_resumable(root)
+    path, skipped = checkpoints.latest_resumable(root)
     assert path.name == "step_000020" and skipped == [(broken, ["model.safetensors"])]
     checkpoint.prune(root, keep_last=3)  # the next save's cleanup removes it
     assert step_folders(root) == ["step_000010", "step_000020"]
@@ -86,7 +87,7 @@ def test_a_step_folder_with_meta_but_no_weights_is_never_offered(tmp_path):
 
 def test_resume_takes_the_newest_checkpoint_with_every_rank_s_files(tmp_path):
     root, model, optimizer = save_steps(tmp_path, [10, 20, 30])
-    meta20 = checkpoint.read_meta(root / "step_000020")
+    meta20 = checkpoints.read_meta(root / "step_000020")
     assert meta20["world_size"] == 1 and meta20["optimizer"] and meta20["loader"]
     (root / "step_000030" / "optim_rank0.safetensors").unlink()
     # a 2-rank checkpoint that lacks rank 1's loader position: whole for a chat, not for a resume
@@ -96,7 +97,7 @@ def test_resume_takes_the_newest_checkpoint_with_every_rank_s_files(tmp_path):
     (two / "meta.json").write_text(json.dumps({**meta20, "step": 40, "world_size": 2}))
 
     assert latest_checkpoint(root).name == "step_000040"
-    path, skipped = checkpoint.latest_resumable(root)
+    path, skipped = checkpoints.latest_resumable(root)
     assert path.name == "step_000020"
     assert [(p.name, missing) for p, missing in skipped] == [("step_000040", ["loader_rank1.json"]),
                                                              ("step_000030", ["optim_rank0.safetensors"])]

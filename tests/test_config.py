@@ -1,7 +1,7 @@
 import pytest
 
-from trainer import config
-from trainer.config import ConfigError
+from pipeline import config, stages
+from pipeline.config import ConfigError
 
 
 def test_every_preset_resolves_and_lists_runnable_stages():
@@ -38,7 +38,10 @@ def test_bad_values_name_the_field_and_the_fix(overrides, field, words):
 
 
 def test_stage_not_yet_built_is_refused_with_the_available_list(monkeypatch):
-    monkeypatch.setitem(config.STAGE_MODULES, "base_train", "trainer.does_not_exist_yet")
+    import dataclasses
+
+    missing = dataclasses.replace(stages.get("base_train"), module="trainer.does_not_exist_yet")
+    monkeypatch.setitem(stages.BY_NAME, "base_train", missing)
     with pytest.raises(ConfigError) as err:
         config.resolve("tiny", {"stages": "tok_train,base_train"})
     assert "available" in err.value.errors["stages"] and "tok_train" in err.value.errors["stages"]
@@ -65,7 +68,7 @@ def test_multi_node_needs_a_rendezvous_endpoint_and_uses_torchrun(monkeypatch):
     with pytest.raises(ConfigError) as err:
         config.resolve("speedrun", {"nnodes": 2})
     assert "HOST:PORT" in err.value.errors["rdzv_endpoint"]
-    monkeypatch.setattr(config, "stage_available", lambda s: True)
+    monkeypatch.setattr(stages.Stage, "available", property(lambda stage: True))
     cfg = config.resolve("speedrun", {"nnodes": 2, "rdzv_endpoint": "10.0.0.1:29500", "stages": "base_train", "total_batch_size": 1048576})
     (cmd,) = config.stage_commands(cfg, "runs/abc")
     assert cmd.distributed and "--nnodes=2" in cmd.argv and "--rdzv-endpoint=10.0.0.1:29500" in cmd.argv
@@ -73,7 +76,7 @@ def test_multi_node_needs_a_rendezvous_endpoint_and_uses_torchrun(monkeypatch):
 
 
 def test_single_process_stages_need_no_launcher(monkeypatch):
-    monkeypatch.setattr(config, "stage_available", lambda s: True)
+    monkeypatch.setattr(stages.Stage, "available", property(lambda stage: True))
     cfg = config.resolve("tiny", {"stages": "base_train"})
     (cmd,) = config.stage_commands(cfg, "runs/x")
     assert cmd.argv[1:3] == ["-m", "trainer.base_train"] and not cmd.distributed
@@ -83,14 +86,14 @@ def test_single_process_stages_need_no_launcher(monkeypatch):
 
 
 def test_data_dir_must_be_an_existing_absolute_folder(tmp_path):
-    from trainer import config
+    from pipeline import config
 
     with pytest.raises(config.ConfigError) as e:
         config.resolve("tiny", {"data_dir": "relative/shards"})
     assert "absolute folder path" in e.value.errors["data_dir"]
     with pytest.raises(config.ConfigError) as e:
         config.resolve("tiny", {"data_dir": str(tmp_path / "missing")})
-    assert "no such folder" in e.value.errors["data_dir"] and "trainer.data prepare" in e.value.errors["data_dir"]
+    assert "no such folder" in e.value.errors["data_dir"] and "gpt.data prepare" in e.value.errors["data_dir"]
     assert config.resolve("tiny", {"data_dir": str(tmp_path)})["data_dir"] == str(tmp_path)
 
 

@@ -2,7 +2,7 @@
 
 For arbitrary overrides (the schema's keys plus junk; values of any JSON type,
 huge numbers, NaN, infinities, long text, NUL, lone surrogates),
-trainer.config.resolve either returns a configuration that can be stored
+pipeline.config.resolve either returns a configuration that can be stored
 (strict JSON, UTF-8, no NUL) or raises ConfigError; and the new-run form and
 the estimate endpoint answer below 500 whatever a browser sends them.
 The regressions that started this (NaN accepted and then refused by the
@@ -24,8 +24,8 @@ from hypothesis import strategies as st
 
 from studio.models import Run
 from tests.test_studio_views import form_data
-from trainer import config
-from trainer.config import ConfigError
+from pipeline import config
+from pipeline.config import ConfigError
 
 NAMES = [f.name for f in config.FIELDS] + ["preset", "description"]
 

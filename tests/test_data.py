@@ -1,4 +1,4 @@
-"""The pretraining loader (best-fit packing, rank striding, exact resume) and `trainer.data prepare`."""
+"""The pretraining loader (best-fit packing, rank striding, exact resume) and `gpt.data prepare`."""
 
 import base64
 import gzip
@@ -17,10 +17,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.helpers import mirror
-from trainer import data, tok_train
-from trainer.data import DocBuffer, PretrainLoader, pack_row, prepare, val_batches
-from trainer.dataset import DatasetError, pretrain_shards
-from trainer.tokenizer import Tokenizer
+from gpt import data
+from trainer import tok_train
+from gpt.data import DocBuffer, PretrainLoader, pack_row, prepare, val_batches
+from pipeline.dataset import DatasetError, pretrain_shards
+from gpt.tokenizer import Tokenizer
 
 B, T = 3, 32  # small rows: best fit, cropping and many chunk/file/epoch boundaries within a few dozen batches
 SMALL = dict(buffer_docs=12, tokenizer_batch=5)

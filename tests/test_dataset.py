@@ -9,8 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.helpers import mirror
-from trainer import dataset
-from trainer.dataset import DatasetError
+from pipeline import dataset
+from pipeline.dataset import DatasetError
 
 
 class Server:
@@ -171,7 +171,7 @@ def test_own_data_dir_and_its_errors(tmp_path):
         dataset.pretrain_shards(data_dir=str(tmp_path / "nope"))
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(DatasetError, match="trainer.data prepare"):
+    with pytest.raises(DatasetError, match="gpt.data prepare"):
         dataset.pretrain_shards(data_dir=str(empty))
 
 

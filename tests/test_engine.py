@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from tests.helpers import REPO
-from trainer.engine import Engine, KVCache, sample_next
-from trainer.model import GPTConfig, build_model
-from trainer.tokenizer import SPECIAL_TOKENS, Tokenizer
+from gpt.engine import Engine, KVCache, sample_next
+from gpt.model import GPTConfig, build_model
+from gpt.tokenizer import SPECIAL_TOKENS, Tokenizer
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 

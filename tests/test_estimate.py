@@ -8,11 +8,13 @@ import re
 import pytest
 import torch
 
-from trainer import base_train, common, config, estimate
-from trainer.model import GPT, GPTConfig, count_params_by_hand, flops_per_token_by_hand
+from pipeline import config, estimate, stages
+from gpt import common
+from trainer import base_train
+from gpt.model import GPT, GPTConfig, count_params_by_hand, flops_per_token_by_hand
 
 # The reference pipeline the MISSION's "~4 h, ~$100" describes (RL was optional there).
-FULL_PIPELINE = [s for s in config.STAGE_ORDER if not s.startswith("rl_")]
+FULL_PIPELINE = [s for s in stages.ORDER if not s.startswith("rl_")]
 
 
 def trainer_model_and_args(cfg: dict):

@@ -1,7 +1,7 @@
 import json
 import multiprocessing as mp
 
-from trainer.events import EventWriter, read_events, write_json_atomic
+from pipeline.events import EventWriter, read_events, write_json_atomic
 
 
 def test_events_have_sequence_numbers_and_resume_from_offset(tmp_path):

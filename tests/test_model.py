@@ -7,7 +7,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from tests.helpers import REPO
-from trainer.model import (GPT, CausalSelfAttention, GPTConfig, apply_rotary, build_model, count_params_by_hand,
+from gpt.model import (GPT, CausalSelfAttention, GPTConfig, apply_rotary, build_model, count_params_by_hand,
                            flops_per_token_by_hand, rotary_tables)
 
 

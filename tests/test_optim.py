@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tests.helpers import REPO
-from trainer.model import GPTConfig, build_model
-from trainer.optim import (MuonAdamW, build_optimizer, lr_multiplier, muon_momentum, muon_update_, orthogonalize,
+from gpt.model import GPTConfig, build_model
+from gpt.optim import (MuonAdamW, build_optimizer, lr_multiplier, muon_momentum, muon_update_, orthogonalize,
                            weight_decay_at)
 
 
@@ -283,7 +283,7 @@ def test_each_rank_holds_only_its_share_of_the_state(worlds):
 
 def _as_rank(monkeypatch, world, rank):
     """Make this process's optimizer act as `rank` of `world` (layout only: nothing here steps)."""
-    from trainer import optim
+    from gpt import optim
 
     monkeypatch.setattr(optim, "_world", lambda: (world, rank))
 

@@ -1,4 +1,4 @@
-"""trainer.report: the report card built from a run directory written by the real EventWriter."""
+"""pipeline.report: the report card built from a run directory written by the real EventWriter."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from pathlib import Path
 import markdown
 import pytest
 
-from trainer import report
-from trainer.events import EventWriter, write_json_atomic
+from pipeline import report
+from pipeline.events import EventWriter, write_json_atomic
 
 REPO = Path(__file__).resolve().parents[1]
 T0 = 1_800_000_000.0
@@ -335,7 +335,7 @@ def test_capture_environment_records_git_commit_and_code_size(tmp_path):
 
 def test_code_files_leave_out_tests_data_runs_and_locks():
     files = [p.relative_to(REPO).as_posix() for p in report.code_files(REPO)]
-    assert "trainer/events.py" in files
+    assert "pipeline/events.py" in files
     assert not any(f.startswith(("runs/", "tests/data/")) or f.endswith(".lock") for f in files)
     assert all(Path(f).suffix in report.CODE_EXTENSIONS for f in files)
 
@@ -363,7 +363,7 @@ def test_code_tokens_are_a_dash_before_tok_train(run):
 
 def test_cli_writes_report_md(run):
     stage(run, "tok_train", end=1)
-    proc = subprocess.run([sys.executable, "-m", "trainer.report", "--run-dir", str(run), "--print"],
+    proc = subprocess.run([sys.executable, "-m", "pipeline.report", "--run-dir", str(run), "--print"],
                           cwd=REPO, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     written = (run / "report.md").read_text()

@@ -11,7 +11,7 @@ import os
 import socket
 import textwrap
 
-from trainer.sandbox import run
+from gpt.sandbox import run
 
 SANDBOX_PREFIX = "nanostudio-sandbox-"
 

@@ -14,8 +14,8 @@ import pytest
 
 from studio import actions, tasks
 from studio.models import Run, RunEvent, StageRun
-from trainer import config
-from trainer.events import EventWriter
+from pipeline import config
+from pipeline.events import EventWriter
 
 TWO_STAGES = {"stages": "tok_train,tok_eval"}  # enough stages to see ordering, skipping and cancelling
 

@@ -130,7 +130,7 @@ def test_run_page_follows_a_smoke_run_live_across_a_reload(manage_env, tmp_path)
 # so the run and compare pages have curves to draw without training anything.
 SEED_RUN = """
 from studio import actions
-from trainer.events import EventWriter
+from pipeline.events import EventWriter
 run = actions.create_run("smoke", {"stages": "tok_train,base_train"}, name="csp check")
 events = EventWriter(run.run_dir, "base_train")
 events.start()
@@ -142,7 +142,7 @@ for step in range(1, 21):
         events.emit("eval", name="val_bpb", step=step, val_bpb=2 - step / 100)
 actions.ingest_events(run)  # what the worker does as a stage runs: the pages read events from the database
 # A checkpoint as the chat page lists it (never loaded here), so the chat page opens its socket.
-from trainer.events import CHECKPOINT_FILES
+from pipeline.checkpoints import CHECKPOINT_FILES
 step_dir = run.run_dir / "checkpoints" / "base_train" / "step_20"
 step_dir.mkdir(parents=True)
 for name in CHECKPOINT_FILES:

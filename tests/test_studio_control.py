@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -13,7 +12,7 @@ import pytest
 
 from studio import actions
 from studio.models import GpuLease, Run, StageRun
-from trainer import config
+from pipeline import config
 from tests.test_studio_actions import process_gone, wait_until
 
 pytestmark = pytest.mark.django_db
@@ -228,7 +227,7 @@ def test_gpu_stages_run_with_their_leased_devices(runs_dir, fake_stages, four_gp
 
 
 def test_asking_for_more_gpus_than_the_node_has_is_a_field_error(runs_dir, four_gpus):
-    from trainer import config
+    from pipeline import config
 
     with pytest.raises(config.ConfigError) as e:
         actions.create_run("tiny", {"nproc_per_node": "8", "total_batch_size": str(8 * 8 * 256)})

@@ -13,7 +13,7 @@ from channels.testing import WebsocketCommunicator
 from studio import actions, consumers, live
 from studio.models import Run
 from studio.routing import websocket_urlpatterns
-from trainer.events import EventWriter
+from pipeline.events import EventWriter
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

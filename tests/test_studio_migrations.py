@@ -6,7 +6,7 @@ import pytest
 from django.db import connection
 from django.db.migrations.executor import MigrationExecutor
 
-from trainer.events import EventWriter
+from pipeline.events import EventWriter
 
 
 @pytest.mark.django_db(transaction=True)

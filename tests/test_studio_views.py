@@ -9,7 +9,7 @@ from django_q.models import OrmQ
 from studio import actions
 from studio.forms import preset_values
 from studio.models import Run
-from trainer import config
+from pipeline import config
 
 pytestmark = pytest.mark.django_db
 

@@ -6,8 +6,8 @@ import pytest
 
 from tests.helpers import mirror
 from trainer import tok_eval, tok_train
-from trainer.events import read_events
-from trainer.tokenizer import SPECIAL_TOKENS, ConversationError, Tokenizer
+from pipeline.events import read_events
+from gpt.tokenizer import SPECIAL_TOKENS, ConversationError, Tokenizer
 
 
 @pytest.fixture(scope="session")

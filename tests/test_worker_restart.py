@@ -15,7 +15,6 @@ import socket
 import sqlite3
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -37,7 +36,7 @@ TOK_AND_BASE = {"stages": "tok_train,base_train"}
 # after the file named by $FAKE_RELEASE exists. "hang" writes one step and sleeps.
 STAGE = r'''
 import os, sys, time
-from trainer.events import EventWriter
+from pipeline.events import EventWriter
 
 run_dir, stage, mode = sys.argv[1:4]
 with open(os.path.join(run_dir, stage + ".starts"), "a") as f:
@@ -73,7 +72,7 @@ def stage_script(tmp_path):
 @pytest.fixture
 def quick_stages(monkeypatch, stage_script, settings):
     """Every stage runs STAGE with `modes[stage]` (default: 3 steps)."""
-    from trainer import config
+    from pipeline import config
 
     modes: dict[str, str] = {}
 
@@ -469,7 +468,7 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "nanostudio.settings")
 import django
 
 django.setup()
-from trainer import config
+from pipeline import config
 
 
 def stage_commands(cfg, run_dir, python=None):

@@ -33,8 +33,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from trainer import checkpoint, common, dataset
-from trainer.events import EventWriter, restores_signals
+from pipeline import checkpoints
+from pipeline import dataset
+from gpt import checkpoint, common
+from pipeline.events import EventWriter, restores_signals
 
 STAGE = "base_train"
 EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: stopped on request, checkpoint saved, resume with --resume
@@ -74,7 +76,7 @@ def parse_args(argv=None):
     g.add_argument("--final-lr-frac", type=float, default=0.0, help="learning rate at the end, as a fraction of the peak")
     g = p.add_argument_group("data")
     g.add_argument("--data-source", default="fineweb-edu", choices=sorted(dataset.SOURCES), help="upstream corpus")
-    g.add_argument("--data-dir", default=None, help="your own prepared shards (python -m trainer.data prepare)")
+    g.add_argument("--data-dir", default=None, help="your own prepared shards (python -m gpt.data prepare)")
     g.add_argument("--num-shards", type=int, default=240, help="training shards to use (the validation shard is extra)")
     g.add_argument("--loader-threads", type=int, default=2, help="background tokenizer threads per rank")
     g = p.add_argument_group("evaluation, samples and checkpoints")
@@ -189,10 +191,10 @@ def evaluate_bpb(model, batches, token_bytes: torch.Tensor, ctx) -> float:
 
 
 def train(args, ctx, events: EventWriter, stop: dict) -> int:
-    from trainer.data import PretrainLoader, val_batches
-    from trainer.model import GPTConfig, build_model
-    from trainer.optim import build_optimizer, lr_multiplier, muon_momentum, weight_decay_at
-    from trainer.tokenizer import Tokenizer
+    from gpt.data import PretrainLoader, val_batches
+    from gpt.model import GPTConfig, build_model
+    from gpt.optim import build_optimizer, lr_multiplier, muon_momentum, weight_decay_at
+    from gpt.tokenizer import Tokenizer
 
     tok = Tokenizer.from_dir(args.run_dir)
     config = GPTConfig.from_depth(args.depth, tok.vocab_size, sequence_len=args.max_seq_len, aspect_ratio=args.aspect_ratio,
@@ -200,15 +202,15 @@ def train(args, ctx, events: EventWriter, stop: dict) -> int:
     model = build_model(config, ctx.device)
     optimizer = build_optimizer(model, matrix_lr=args.matrix_lr, embedding_lr=args.embedding_lr,
                                 unembedding_lr=args.unembedding_lr, weight_decay=args.weight_decay)
-    ckpt_root = checkpoint.stage_dir(args.run_dir, STAGE)
+    ckpt_root = checkpoints.stage_dir(args.run_dir, STAGE)
     resume_from, skipped = None, []
     if args.resume:
-        resume_from, skipped = checkpoint.latest_resumable(ckpt_root)
+        resume_from, skipped = checkpoints.latest_resumable(ckpt_root)
         if resume_from is None:
             raise RuntimeError(f"--resume: no checkpoint in {ckpt_root} has every file a resume needs; start without --resume"
                                + (f" (skipped damaged {', '.join(p.name for p, _ in skipped)})" if skipped else ""))
         # before grad_accumulation, whose advice (change the batch) would be wrong for a resume
-        check_resume_world(checkpoint.read_meta(resume_from), args, ctx.world_size)
+        check_resume_world(checkpoints.read_meta(resume_from), args, ctx.world_size)
     accum = grad_accumulation(args.total_batch_size, args.device_batch_size, args.max_seq_len, ctx.world_size)
     num_iterations, horizon_from = horizon(args, model)
     flops_per_token = model.flops_per_token()

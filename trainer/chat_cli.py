@@ -20,11 +20,12 @@ from pathlib import Path
 
 import torch
 
-from trainer import checkpoint
-from trainer.engine import AnswerStream, Engine
-from trainer.tokenizer import ConversationError, Tokenizer
+from pipeline import checkpoints
+from gpt import checkpoint
+from pipeline import stages
+from gpt.engine import AnswerStream, Engine, fit_history
+from gpt.tokenizer import ConversationError, Tokenizer
 
-CHAT_STAGES = {"mid_train", "sft_train", "rl_train"}
 
 
 class Printer:
@@ -85,19 +86,10 @@ def stream_answer(engine: Engine, tokenizer: Tokenizer, prompt: list[int], args,
     return printer.parts
 
 
-def fit_history(tokenizer: Tokenizer, messages: list[dict], budget: int) -> tuple[list[int], list[dict]]:
-    """The prompt for the next answer, dropping the oldest exchanges until it fits `budget` tokens."""
-    while True:
-        prompt = tokenizer.render_for_completion({"messages": messages})
-        if len(prompt) <= budget or len(messages) <= 1:
-            return prompt[-budget:], messages
-        messages = messages[2:]  # one user turn and its answer
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Chat with a trained checkpoint in the terminal.")
     parser.add_argument("--run-dir", required=True, help="the run directory (with tokenizer/ and checkpoints/)")
-    parser.add_argument("--stage", choices=checkpoint.MODEL_STAGES, help="which stage's checkpoint (default: the most advanced)")
+    parser.add_argument("--stage", choices=stages.model_stages(), help="which stage's checkpoint (default: the most advanced)")
     parser.add_argument("--step", type=int, help="which step of that stage (default: its latest)")
     parser.add_argument("-p", "--prompt", help="answer this one prompt and exit")
     parser.add_argument("--temperature", type=float, default=0.6, help="sampling temperature (0 = greedy)")
@@ -112,7 +104,7 @@ def main(argv=None) -> int:
 
     device = "cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device)
     try:
-        path = checkpoint.find(args.run_dir, args.stage, args.step)
+        path = checkpoints.find(args.run_dir, args.stage, args.step)
         tokenizer = Tokenizer.from_dir(Path(args.run_dir) / "tokenizer")
     except (FileNotFoundError, OSError) as e:
         print(f"chat_cli: {e}", file=sys.stderr)
@@ -120,7 +112,7 @@ def main(argv=None) -> int:
     model, meta = checkpoint.load_for_inference(path, device)
     engine = Engine(model, tokenizer)
     stage = path.parent.name
-    chat = stage in CHAT_STAGES
+    chat = stages.get(stage).chat_mode == "chat"
     context = model.config.sequence_len
     print(f"{stage} step {meta.get('step')} from {path} on {device}; "
           f"{'chat' if chat else 'completion (a base model continues your text)'} mode. 'clear' starts over, 'quit' leaves.",

@@ -21,9 +21,9 @@ import time
 import traceback
 from pathlib import Path
 
-from trainer import dataset
-from trainer.events import EventWriter, restores_signals, write_json_atomic
-from trainer.tokenizer import SPECIAL_TOKENS, Tokenizer
+from pipeline import dataset
+from pipeline.events import EventWriter, restores_signals, write_json_atomic
+from gpt.tokenizer import SPECIAL_TOKENS, Tokenizer
 
 STAGE = "tok_train"
 # A fixed multilingual, emoji and code string that must survive encode/decode.

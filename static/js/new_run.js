@@ -9,7 +9,7 @@
        -> {"ok": true, "estimate": {...}}  or  {"ok": false, "errors": {field: message}}
 
    Numbers arrive already written for people (estimate["display"], made by
-   trainer/estimate.py, the same text as the CLI and the server-rendered page),
+   pipeline/estimate.py, the same text as the CLI and the server-rendered page),
    so this file formats nothing and the two renderings cannot drift apart.
    Everything from the server is inserted as text (textContent), never as HTML.
 */

@@ -26,7 +26,7 @@ from django.db.migrations.executor import MigrationExecutor
 from studio import actions
 from studio.formatting import event_fields, event_lines, format_duration, format_fields
 from studio.models import Run, StageRun
-from trainer import config
+from pipeline import config
 
 METRIC_EVERY_SECONDS = 1.0  # at most one progress line per stage per second
 
@@ -38,7 +38,7 @@ class Command(BaseCommand):
         parser.add_argument("preset", nargs="?", help=f"starting preset: {', '.join(config.PRESETS)}")
         parser.add_argument(
             "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-            help="override a setting, e.g. --set depth=12 (repeatable; see `python -m trainer.config`)",
+            help="override a setting, e.g. --set depth=12 (repeatable; see `python -m pipeline.config`)",
         )
         parser.add_argument("--gpus", type=int, metavar="N",
                             help="GPUs per node (same as --set nproc_per_node=N); with --resume, continue on N GPUs "

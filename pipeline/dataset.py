@@ -16,8 +16,8 @@ Resolution order for the pretraining shards of a run:
      LFS files), then renaming into place.
 
 Usage:
-    python -m trainer.dataset shards --source fineweb-edu -n 8     # download 8 train shards + val
-    python -m trainer.dataset where --source climbmix               # print what a run would read
+    python -m pipeline.dataset shards --source fineweb-edu -n 8     # download 8 train shards + val
+    python -m pipeline.dataset where --source climbmix               # print what a run would read
 """
 
 from __future__ import annotations
@@ -197,7 +197,7 @@ def _shards_in(folder: Path, what: str) -> list[Path]:
     if len(files) < 2:
         raise DatasetError(
             f"{what} {folder} holds {len(files)} parquet file(s); need at least 2 (training shards + the last one for validation). "
-            "Prepare your own corpus with `python -m trainer.data prepare --input ... --out DIR`."
+            "Prepare your own corpus with `python -m gpt.data prepare --input ... --out DIR`."
         )
     return files
 

@@ -1,6 +1,6 @@
 """Run untrusted Python code (HumanEval solutions, future tools) in a child process.
 
-    from trainer.sandbox import run
+    from gpt.sandbox import run
     result = run("print(sum(range(10)))", timeout=5.0)
     result.ok, result.stdout          # (True, '45\\n')
     result.network_isolated           # False when this machine refused a network namespace

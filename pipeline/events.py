@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import socket
 import time
 from pathlib import Path
@@ -154,34 +153,6 @@ def tail_events(run_dir_or_file: str | os.PathLike, offset: int = 0, lines_befor
 
 def stage_log_path(run_dir: str | os.PathLike, stage: str) -> Path:
     return Path(run_dir) / "logs" / f"{stage}.log"
-
-
-CHECKPOINT_DIR = re.compile(r"^step_(\d+)$")
-# What makes a checkpoint loadable: meta.json (a save writes it last) and the weights. Checking for the
-# files, not just the folder name, keeps a folder that an old or killed cleanup left half deleted out.
-CHECKPOINT_FILES = ("meta.json", "model.safetensors")
-
-
-def complete_checkpoints(root: str | os.PathLike) -> list[Path]:
-    """Finished checkpoints under checkpoints/<stage>/ (renamed, with meta.json and the weights), oldest first.
-
-    Lives here rather than in trainer/checkpoint.py so the studio can find a
-    stage's resume point without importing torch.
-    """
-    root = Path(root)
-    if not root.is_dir():
-        return []
-    found = []
-    for p in root.iterdir():
-        m = CHECKPOINT_DIR.match(p.name)
-        if m and all((p / name).is_file() for name in CHECKPOINT_FILES):
-            found.append((int(m.group(1)), p))
-    return [p for _, p in sorted(found)]
-
-
-def latest_checkpoint(root: str | os.PathLike) -> Path | None:
-    done = complete_checkpoints(root)
-    return done[-1] if done else None
 
 
 def restores_signals(main):

@@ -1,8 +1,8 @@
 """Fast generation: a KV cache, sampling, several samples per prompt, and the calculator tool.
 
-    from trainer.checkpoint import find, load_for_inference
-    from trainer.engine import Engine
-    from trainer.tokenizer import Tokenizer
+    from gpt.checkpoint import find, load_for_inference
+    from gpt.engine import Engine
+    from gpt.tokenizer import Tokenizer
 
     model, meta = load_for_inference(find("runs/<id>"), device="cuda")
     tok = Tokenizer.from_dir("runs/<id>")
@@ -26,7 +26,7 @@ How a call runs:
    `window` keys.
 
 Tool use (per row): when a row samples <|python_start|>, the tokens up to <|python_end|> are decoded
-and given to `tool` (default trainer.calculator.evaluate); when it returns a string, the row is made
+and given to `tool` (default gpt.calculator.evaluate); when it returns a string, the row is made
 to emit <|output_start|> + its tokens + <|output_end|> on the next steps (mask 0: forced, not sampled),
 fed through the model like any token, so the cache stays consistent.
 
@@ -132,7 +132,7 @@ def sample_next(logits: torch.Tensor, generator: torch.Generator | None, tempera
 def default_tool(expr: str) -> str | None:
     """The calculator, imported on first use (no calculator module: no tool output)."""
     try:
-        from trainer.calculator import evaluate
+        from gpt.calculator import evaluate
     except ImportError:
         return None
     return evaluate(expr)
@@ -351,3 +351,12 @@ class AnswerStream:
 
     def message_parts(self) -> list[dict]:
         return [{"type": p["type"], "text": p["text"]} for p in self.parts]
+
+
+def fit_history(tokenizer, messages: list[dict], budget: int) -> tuple[list[int], list[dict]]:
+    """The prompt for the next answer, dropping the oldest exchanges until it fits `budget` tokens."""
+    while True:
+        prompt = tokenizer.render_for_completion({"messages": messages})
+        if len(prompt) <= budget or len(messages) <= 1:
+            return prompt[-budget:], messages
+        messages = messages[2:]  # one user turn and its answer

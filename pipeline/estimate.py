@@ -1,6 +1,6 @@
 """What a run will cost before it starts: parameters, tokens, FLOPs, time, money, memory.
 
-    from trainer import config, estimate
+    from pipeline import config, estimate
     cfg = config.resolve("speedrun")
     est = estimate.estimate(cfg, "h100")        # plain, JSON-able dict
     est["params"], est["num_iterations"], est["total_seconds"], est["cost_usd"], est["warnings"]
@@ -8,10 +8,10 @@
 
 From the command line (prints a table; --json prints the dict):
 
-    python -m trainer.estimate speedrun --hardware h100 --set depth=26 --set device_batch_size=16
+    python -m pipeline.estimate speedrun --hardware h100 --set depth=26 --set device_batch_size=16
 
 The model-shaped numbers are not re-derived here: parameters and FLOPs per
-token come from trainer.model's own GPT (built on the meta device, so no
+token come from gpt.model's own GPT (built on the meta device, so no
 memory and no time even at depth 32), and the number of steps from
 trainer.base_train's own `horizon()`; the estimate therefore changes when
 the trainer does. Everything else (MFU, prices, other stages, memory) is an
@@ -29,14 +29,14 @@ import subprocess
 import sys
 from types import SimpleNamespace
 
-from trainer import config
-from trainer.report import format_duration
+from pipeline import config
+from pipeline.report import format_duration
 
 # ---------------------------------------------------------------------------
 # Hardware
 #
 # peak_flops: vendor datasheet dense bf16 FLOP/s per device (no sparsity), the
-#   same figures as trainer.common.PEAK_FLOPS (a test keeps them equal), except
+#   same figures as gpt.common.PEAK_FLOPS (a test keeps them equal), except
 #   "cpu", which is the measured bf16 2048^3 GEMM peak of this project's 2-core
 #   machines (bench/train.py, BENCHMARKS.md).
 # mfu: assumed model-FLOPs utilisation of pretraining.
@@ -141,18 +141,18 @@ OTHER_STAGES = {
 REFERENCE_SHAPE = (20, 65536, 2048)  # depth, vocab, context of the run the allowances were set on
 REFERENCE_THROUGHPUT = 8 * 989e12 * 0.45
 
-# Pretraining data: ~250M characters per upstream shard (trainer.dataset) and ~100 MB on disk
+# Pretraining data: ~250M characters per upstream shard (pipeline.dataset) and ~100 MB on disk
 # (the speedrun's 240 shards are ~24 GB). A 65,536-token vocabulary gives ~4.8 characters per token
 # on FineWeb-Edu; smaller vocabularies compress less (~0.3 characters fewer per halving, from our
 # tokenizer benchmark: 4.62 vs 4.50 bytes/token at 64K vs 32K on the mirror, steeper below).
 # Best-fit packing throws away the cropped rest of documents: ~35% of tokens at a 2,048 context
-# (reference measurement, trainer/data.py), more at shorter contexts.
+# (reference measurement, gpt/data.py), more at shorter contexts.
 SHARD_CHARS = 250e6
 SHARD_BYTES = 100e6
 CROP_WASTE_AT_2048 = 0.35
 
 # Memory per device. Exact parts: fp32 weights and gradients on every rank, optimizer state
-# as the ZeRO-2 optimizer shards it (trainer/optim.py: AdamW 2 moments over ranks, Muon one
+# as the ZeRO-2 optimizer shards it (gpt/optim.py: AdamW 2 moments over ranks, Muon one
 # momentum per matrix in blocks of ceil(K/W)), Muon's stacked fp32 gradients during the step,
 # and the bf16 weight copies autocast keeps for backward. Activations are not counted from
 # kernels: bytes per token x width x layer and per token x vocabulary (logits), with
@@ -174,7 +174,7 @@ def _meta_model(depth: int, vocab_size: int, seq_len: int):
     """The trainer's GPT for this shape, on the meta device (no memory). Cached: built once per shape."""
     import torch
 
-    from trainer.model import GPT, GPTConfig
+    from gpt.model import GPT, GPTConfig
 
     # The same family base_train builds (its defaults for aspect ratio, head dim, kv heads, windows).
     cfg = GPTConfig.from_depth(depth, vocab_size, sequence_len=seq_len)
@@ -187,7 +187,7 @@ def _model_shape(depth: int, vocab_size: int, seq_len: int) -> dict:
     model = _meta_model(depth, vocab_size, seq_len)
     c = model.config
     named = dict(model.named_parameters())
-    adamw = {"lm_head.weight", "transformer.wte.weight"}  # as trainer.optim.build_optimizer groups them
+    adamw = {"lm_head.weight", "transformer.wte.weight"}  # as gpt.optim.build_optimizer groups them
     muon_shapes: dict[tuple, int] = {}
     for name, p in named.items():
         if name not in adamw:
@@ -388,7 +388,7 @@ def estimate(cfg: dict, hardware: str) -> dict:
     # Data: what the selected shards hold, after packing, against what training reads.
     data = {"shards": cfg["data_shards"], "download_bytes": 0.0, "tokens_available": None, "epochs": None}
     if not cfg["data_dir"]:
-        from trainer.dataset import SOURCES  # cheap: no torch
+        from pipeline.dataset import SOURCES  # cheap: no torch
 
         data["download_bytes"] = (cfg["data_shards"] + 1) * SHARD_BYTES  # + the validation shard
         available = cfg["data_shards"] * SHARD_CHARS / chars_per_token(vocab) * kept_fraction(seq)

@@ -4,8 +4,8 @@ Everything is rebuilt from the run directory (config.json, environment.json,
 events.jsonl), so the report can be regenerated at any moment, also while a
 run is still going, and a reader never depends on a stage having called it.
 
-    python -m trainer.report --run-dir runs/<id>            # writes runs/<id>/report.md
-    python -m trainer.report --run-dir runs/<id> --print    # ... and prints it
+    python -m pipeline.report --run-dir runs/<id>            # writes runs/<id>/report.md
+    python -m pipeline.report --run-dir runs/<id> --print    # ... and prints it
 
 The studio calls `capture_environment(run_dir)` once when a run starts and
 `build_report(run_dir)` / `write_report(run_dir)` whenever it wants the card.
@@ -36,7 +36,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from trainer.events import CONFIG_FILE, read_events, write_json_atomic
+from pipeline.events import CONFIG_FILE, read_events, write_json_atomic
 
 ENVIRONMENT_FILE = "environment.json"
 REPORT_FILE = "report.md"

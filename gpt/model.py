@@ -262,7 +262,7 @@ class GPT(nn.Module):
 
         Targets of -1 are ignored. loss_reduction "mean" gives a scalar, "none" the (B*T,) per-token losses.
 
-        With `kv_cache` (inference; see trainer/engine.py KVCache) idx holds the tokens at positions
+        With `kv_cache` (inference; see gpt/engine.py KVCache) idx holds the tokens at positions
         kv_cache.pos.. of every row: rotary angles start there, each layer stores its keys and values
         with kv_cache.insert(layer, k, v) -> all keys and values so far, and the cache advances by T.
 

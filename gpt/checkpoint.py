@@ -34,11 +34,8 @@ import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from trainer.events import CHECKPOINT_DIR, complete_checkpoints, latest_checkpoint as latest, write_json_atomic  # noqa: F401 (re-exported)
-
-
-def stage_dir(run_dir: str | os.PathLike, stage: str) -> Path:
-    return Path(run_dir) / "checkpoints" / stage
+from pipeline.checkpoints import CHECKPOINT_DIR, complete_checkpoints, missing_files, read_meta
+from pipeline.events import write_json_atomic
 
 
 def _barrier(ctx):
@@ -154,10 +151,6 @@ def set_rng_state(state: dict | None) -> None:
         torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))
 
 
-def read_meta(path: str | os.PathLike) -> dict:
-    return json.loads((Path(path) / "meta.json").read_text())
-
-
 def load_model(path: str | os.PathLike, model, device="cpu"):
     """Load weights into `model` (strict: every name and shape must match)."""
     weights = Path(path) / "model.safetensors"
@@ -170,36 +163,6 @@ def load_model(path: str | os.PathLike, model, device="cpu"):
         raise RuntimeError(f"checkpoint {path} does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}; "
                            "was it saved with a different depth or vocabulary?")
     return model
-
-
-def missing_files(path: str | os.PathLike) -> list[str]:
-    """The files a resume from `path` needs that are not there: meta.json, the weights, and the optimizer
-    shard and loader position of every rank that saved it ([] for a whole checkpoint)."""
-    path = Path(path)
-    if not (path / "meta.json").is_file():
-        return ["meta.json"]
-    meta = read_meta(path)
-    # Checkpoints from before meta said what was saved: base_train's, which always saved both.
-    world = meta.get("world_size", 1)
-    need = ["model.safetensors"]
-    need += [f"optim_rank{r}.safetensors" for r in range(world)] if meta.get("optimizer", True) else []
-    need += [f"loader_rank{r}.json" for r in range(world)] if meta.get("loader", True) else []
-    return [name for name in need if not (path / name).is_file()]
-
-
-def latest_resumable(root: str | os.PathLike) -> tuple[Path | None, list[tuple[Path, list[str]]]]:
-    """The newest checkpoint a resume can use, and the newer step folders skipped with the files they lack."""
-    root = Path(root)
-    folders = []
-    if root.is_dir():
-        folders = sorted((int(m.group(1)), p) for p in root.iterdir() if (m := CHECKPOINT_DIR.match(p.name)) and p.is_dir())
-    skipped = []
-    for _, p in reversed(folders):
-        missing = missing_files(p)
-        if not missing:
-            return p, skipped
-        skipped.append((p, missing))
-    return None, skipped
 
 
 def load(path: str | os.PathLike, model, optimizer, ctx=None, device="cpu") -> tuple[dict, list[dict | None]]:
@@ -229,32 +192,9 @@ def load(path: str | os.PathLike, model, optimizer, ctx=None, device="cpu") -> t
     return meta, loaders
 
 
-# Stages whose checkpoints hold a model, most advanced first: what a chat should load by default.
-MODEL_STAGES = ["rl_train", "sft_train", "mid_train", "base_train"]
-
-
-def find(run_dir: str | os.PathLike, stage: str | None = None, step: int | None = None) -> Path:
-    """The checkpoint folder to load: the given stage and step, or the latest of the most advanced stage.
-
-    Raises FileNotFoundError naming what exists, so a person can pick another.
-    """
-    run_dir = Path(run_dir)
-    stages = [stage] if stage else MODEL_STAGES
-    for name in stages:
-        done = complete_checkpoints(stage_dir(run_dir, name))
-        if step is not None:
-            done = [p for p in done if read_meta(p).get("step") == step]
-        if done:
-            return done[-1]
-    available = {name: [read_meta(p).get("step") for p in complete_checkpoints(stage_dir(run_dir, name))] for name in MODEL_STAGES}
-    available = {k: v for k, v in available.items() if v}
-    wanted = f"stage {stage or 'any'}" + (f", step {step}" if step is not None else "")
-    raise FileNotFoundError(f"no checkpoint for {wanted} in {run_dir}; available: {available or 'none (train a model first)'}")
-
-
 def load_for_inference(path: str | os.PathLike, device="cpu"):
     """(model in eval mode, meta) from a checkpoint folder, on `device`."""
-    from trainer.model import GPTConfig, build_model
+    from gpt.model import GPTConfig, build_model
 
     meta = read_meta(path)
     model = build_model(GPTConfig.from_dict(meta["model_config"]), device)

@@ -3,20 +3,19 @@
 The web form, `manage.py runjob` and the stage commands all go through this
 module, so a knob means the same thing everywhere and is checked once:
 
-    from trainer import config
+    from pipeline import config
     cfg = config.resolve("tiny", {"vocab_size": 4096})     # raises ConfigError
     for stage in config.stage_commands(cfg, "runs/abc"):   # what the studio runs
         print(stage.name, stage.argv)
 
 Usage as a command (prints the resolved configuration and the stage commands):
 
-    python -m trainer.config tiny --set vocab_size=4096 --run-dir runs/demo
+    python -m pipeline.config tiny --set vocab_size=4096 --run-dir runs/demo
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import ipaddress
 import json
 import math
@@ -27,38 +26,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# Stages in pipeline order. A stage is runnable once its module exists; the
-# studio shows the others as "coming" rather than pretending to run them.
-STAGE_ORDER = [
-    "tok_train",
-    "tok_eval",
-    "base_train",
-    "base_eval",
-    "mid_train",
-    "mid_eval",
-    "sft_train",
-    "sft_eval",
-    "rl_train",
-    "rl_eval",
-]
-STAGE_MODULES = {
-    "tok_train": "trainer.tok_train",
-    "tok_eval": "trainer.tok_eval",
-    "base_train": "trainer.base_train",
-    "base_eval": "evals.base_eval",
-    "mid_train": "trainer.mid_train",
-    "mid_eval": "evals.chat_eval",
-    "sft_train": "trainer.sft_train",
-    "sft_eval": "evals.chat_eval",
-    "rl_train": "trainer.rl_train",
-    "rl_eval": "evals.chat_eval",
-}
-# Stages that run one process per GPU under torchrun; the rest are single-process.
-DISTRIBUTED_STAGES = {"base_train", "base_eval", "mid_train", "mid_eval", "sft_train", "sft_eval", "rl_train", "rl_eval"}
-
-# Stages that save checkpoints and accept --resume: a paused, failed or
-# interrupted run continues them from their latest checkpoint.
-RESUMABLE_STAGES = {"base_train", "mid_train", "sft_train", "rl_train"}
+from pipeline import stages as stage_table
 
 DATA_SOURCES = ("fineweb-edu", "climbmix")
 
@@ -160,19 +128,13 @@ PRESETS: dict[str, dict] = {
 
 
 def available_stages() -> list[str]:
-    return [s for s in STAGE_ORDER if stage_available(s)]
+    return stage_table.available()
 
 
 def defaults() -> dict:
     out = {f.name: (list(f.default) if isinstance(f.default, list) else f.default) for f in FIELDS}
     out["stages"] = available_stages()
     return out
-
-
-def stage_available(stage: str) -> bool:
-    """True when the stage's module exists in this checkout."""
-    module = STAGE_MODULES.get(stage)
-    return module is not None and importlib.util.find_spec(module) is not None
 
 
 class _Brief(reprlib.Repr):
@@ -346,23 +308,23 @@ def validate(cfg: dict) -> dict:
             clean[name] = value
 
     if "stages" in clean:
-        unknown = [s for s in clean["stages"] if s not in STAGE_ORDER]
+        unknown = [s for s in clean["stages"] if s not in stage_table.BY_NAME]
         if unknown:
             listed = ", ".join(_clip(s) for s in unknown[:5]) + (", …" if len(unknown) > 5 else "")
-            errors["stages"] = f"unknown stage(s) {listed}; choose from {', '.join(STAGE_ORDER)}"
+            errors["stages"] = f"unknown stage(s) {listed}; choose from {', '.join(stage_table.ORDER)}"
         elif not clean["stages"]:
             errors["stages"] = "choose at least one stage"
         elif len(set(clean["stages"])) != len(clean["stages"]):
             errors["stages"] = "a stage is listed twice"
         else:
-            missing = [s for s in clean["stages"] if not stage_available(s)]
+            missing = [s for s in clean["stages"] if not stage_table.get(s).available]
             if missing:
                 errors["stages"] = (
                     f"stage(s) {', '.join(missing)} are not part of this version yet; "
                     f"available: {', '.join(available_stages())}"
                 )
             else:
-                clean["stages"] = [s for s in STAGE_ORDER if s in clean["stages"]]
+                clean["stages"] = [s for s in stage_table.ORDER if s in clean["stages"]]
     vocab = clean.get("vocab_size")
     if isinstance(vocab, int) and "vocab_size" not in errors and vocab < 256 + 9 + 1:
         errors["vocab_size"] = "must leave room for 256 byte tokens, 9 special tokens and at least one merge"
@@ -388,7 +350,7 @@ def validate(cfg: dict) -> dict:
     data_dir = clean.get("data_dir", "")
     if data_dir and "data_dir" not in errors:
         # The one path a person types in: it must name an existing folder of
-        # prepared shards (python -m trainer.data prepare), given absolutely so
+        # prepared shards (python -m gpt.data prepare), given absolutely so
         # it means the same on every node and from every working directory.
         problem = _path_problem(data_dir)
         if problem:
@@ -397,7 +359,7 @@ def validate(cfg: dict) -> dict:
             errors["data_dir"] = f"give an absolute folder path, e.g. /data/my-corpus (got {_show(data_dir)})"
         else:
             shown = _clip(data_dir, 300)
-            missing = f"no such folder {shown}; prepare one with `python -m trainer.data prepare --out {shown} ...`"
+            missing = f"no such folder {shown}; prepare one with `python -m gpt.data prepare --out {shown} ...`"
             try:
                 mode = Path(data_dir).stat().st_mode
             except (FileNotFoundError, NotADirectoryError):
@@ -437,41 +399,12 @@ def stage_commands(cfg: dict, run_dir: str, python: str | None = None) -> list[S
     """The command line of every selected stage, as a person would type it."""
     python = python or sys.executable
     out = []
-    for stage in cfg["stages"]:
-        args = ["--run-dir", str(run_dir)]
-        if stage == "tok_train":
-            args += [
-                f"--vocab-size={cfg['vocab_size']}",
-                f"--max-chars={cfg['tok_max_chars']}",
-                f"--doc-cap={cfg['tok_doc_cap']}",
-                f"--data-source={cfg['data_source']}",
-            ]
-            if cfg["data_dir"]:
-                args.append(f"--data-dir={cfg['data_dir']}")
-        elif stage == "base_train":
-            args += [
-                f"--depth={cfg['depth']}",
-                f"--max-seq-len={cfg['max_seq_len']}",
-                f"--device-batch-size={cfg['device_batch_size']}",
-                f"--total-batch-size={cfg['total_batch_size']}",
-                f"--target-param-data-ratio={cfg['target_param_data_ratio']}",
-                f"--num-iterations={cfg['num_iterations']}",
-                f"--eval-every={cfg['eval_every']}",
-                f"--eval-tokens={cfg['eval_tokens']}",
-                f"--sample-every={cfg['sample_every']}",
-                f"--save-every={cfg['save_every']}",
-                f"--data-source={cfg['data_source']}",
-                f"--num-shards={cfg['data_shards']}",
-            ]
-            if cfg["data_dir"]:
-                args.append(f"--data-dir={cfg['data_dir']}")
-        elif stage == "tok_eval":
-            args.append(f"--data-source={cfg['data_source']}")
-            if cfg["data_dir"]:
-                args.append(f"--data-dir={cfg['data_dir']}")
-        module = STAGE_MODULES[stage]
+    for name in cfg["stages"]:
+        stage = stage_table.get(name)
+        args = ["--run-dir", str(run_dir), *stage.stage_args(cfg)]
+        module = stage.module
         # One process on one device needs no launcher; more go through torchrun.
-        launch = stage in DISTRIBUTED_STAGES and (cfg["nproc_per_node"] > 1 or cfg["nnodes"] > 1)
+        launch = stage.distributed and (cfg["nproc_per_node"] > 1 or cfg["nnodes"] > 1)
         if launch and cfg["nnodes"] > 1:
             # Multi-node: the same command runs on every node; the studio fills in the rendezvous.
             argv = [python, "-m", "torch.distributed.run", f"--nnodes={cfg['nnodes']}",
@@ -482,7 +415,7 @@ def stage_commands(cfg: dict, run_dir: str, python: str | None = None) -> list[S
                     f"--nproc_per_node={cfg['nproc_per_node']}", "-m", module, *args]
         else:
             argv = [python, "-m", module, *args]
-        out.append(StageCommand(stage, argv, launch))
+        out.append(StageCommand(name, argv, launch))
     return out
 
 

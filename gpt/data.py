@@ -29,10 +29,10 @@ can ever be used). Prefetched-but-unused chunks are simply read again. Thread
 timing never changes the batches.
 
 Your own corpus in the same layout:
-    python -m trainer.data prepare --input my_texts/ more.jsonl.gz --out data/mine
+    python -m gpt.data prepare --input my_texts/ more.jsonl.gz --out data/mine
     python -m trainer.base_train --data-dir data/mine ...
 Check throughput and crop waste of a tokenizer on some shards:
-    python -m trainer.data stats --run-dir runs/<id> --batch-size 8 --seq-len 512
+    python -m gpt.data stats --run-dir runs/<id> --batch-size 8 --seq-len 512
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from trainer.dataset import DatasetError
+from pipeline.dataset import DatasetError
 
 STATE_VERSION = 1
 _END = object()  # the prefetcher has no more chunks (loop=False)
@@ -611,8 +611,8 @@ def main(argv=None):
             print(f"  val:   {r['val_shard']}, {r['val_docs']:,} documents, {r['val_chars']:,} characters")
             print(f"use it with --data-dir {r['out']} (tok_train, base_train)")
             return 0
-        from trainer import dataset
-        from trainer.tokenizer import Tokenizer
+        from pipeline import dataset
+        from gpt.tokenizer import Tokenizer
 
         tok = Tokenizer.from_dir(args.run_dir)
         shards = dataset.pretrain_shards(args.data_source, args.num_shards, args.data_dir)
