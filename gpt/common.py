@@ -21,37 +21,16 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-# Dense bf16 peak FLOP/s per device (vendor datasheets, no sparsity), for MFU.
-# Matched by substring of torch.cuda.get_device_name(); first match wins, so
-# the more specific names come first.
-PEAK_FLOPS = [
-    ("H100 NVL", 835e12),
-    ("H100 PCIe", 756e12),
-    ("H100", 989e12),
-    ("H200", 989e12),
-    ("GH200", 989e12),
-    ("B200", 2.25e15),
-    ("A100", 312e12),
-    ("A800", 312e12),
-    ("H800", 989e12),
-    ("L40S", 362e12),
-    ("L4", 121e12),
-    ("A10G", 125e12),
-    ("A6000", 155e12),
-    ("RTX 6000 Ada", 365e12),
-    ("5090", 209.5e12),
-    ("4090", 165.2e12),
-    ("3090", 71e12),
-    ("MI300X", 1.3074e15),
-]
+from pipeline import hardware
 
 
 def peak_flops(device_name: str) -> float | None:
-    """Peak bf16 FLOP/s of one device, or None when unknown (then MFU is not reported)."""
-    for key, value in PEAK_FLOPS:
-        if key in device_name:
-            return value
-    return None
+    """Dense bf16 peak FLOP/s of one GPU named `device_name` (torch.cuda.get_device_name), for MFU.
+
+    From the one hardware table, pipeline/hardware.py; None when unknown (then MFU is not reported).
+    """
+    device = hardware.device_for_name(device_name)
+    return device.peak_flops if device else None
 
 
 @dataclass

@@ -7,7 +7,7 @@
 
     for x, y in val_batches([shards.val], tok, 32, 2048, max_tokens=10_485_760, rank=r, world_size=W): ...
 
-How rows are made (the reference's scheme, see reference/nanochat-facts.md §3.2):
+How rows are made (BOS-aligned best-fit packing, as the reference project packs its rows):
   * rank r of W reads row groups r, r+W, r+2W, ... of the files taken in order
     (numbered across files, so many small files still spread over ranks);
   * background threads read row groups and tokenize them in chunks of

@@ -33,6 +33,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from pipeline import plan
+
 
 @dataclass
 class GPTConfig:
@@ -64,22 +66,13 @@ class GPTConfig:
         return self.n_embd // self.n_head
 
     @classmethod
-    def from_depth(cls, depth: int, vocab_size: int, sequence_len: int = 2048, aspect_ratio: int = 64,
-                   head_dim: int = 128, n_kv_head: int | None = None, window_pattern: str = "L") -> "GPTConfig":
-        """The model family: width = depth x aspect_ratio, rounded up to whole heads of `head_dim`."""
-        if depth < 1:
-            raise ValueError(f"depth must be at least 1, got {depth}")
+    def from_depth(cls, depth: int, vocab_size: int, sequence_len: int = 2048, aspect_ratio: int = plan.ASPECT_RATIO,
+                   head_dim: int = plan.HEAD_DIM, n_kv_head: int | None = None,
+                   window_pattern: str = plan.WINDOW_PATTERN) -> "GPTConfig":
+        """The model family: width = depth x aspect_ratio, rounded up to whole heads of `head_dim` (pipeline.plan)."""
         if vocab_size < 1:
             raise ValueError(f"vocab_size must be at least 1, got {vocab_size}; train or load a tokenizer first")
-        if aspect_ratio < 1 or head_dim < 2 or head_dim % 2:
-            raise ValueError(f"aspect_ratio must be >= 1 and head_dim a positive even number, got {aspect_ratio} and {head_dim}")
-        # Rounding up (not down) keeps every head exactly head_dim wide: d25 -> 1600 -> 1664.
-        width = -(-depth * aspect_ratio // head_dim) * head_dim
-        n_head = width // head_dim
-        n_kv_head = n_head if n_kv_head is None else n_kv_head
-        if n_kv_head < 1 or n_head % n_kv_head:
-            divisors = [d for d in range(1, n_head + 1) if n_head % d == 0]
-            raise ValueError(f"n_kv_head {n_kv_head} must divide the {n_head} query heads of depth {depth}; pick one of {divisors}")
+        width, n_head, n_kv_head = plan.width_and_heads(depth, aspect_ratio, head_dim, n_kv_head)
         return cls(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=depth, n_head=n_head, n_kv_head=n_kv_head,
                    n_embd=width, window_pattern=window_pattern)
 
@@ -99,15 +92,11 @@ class GPTConfig:
 
         For contexts up to 512 the quarter is used as is, so short test models still have a real window.
         """
-        quarter = -(-self.sequence_len // 4)
-        return quarter if quarter <= 128 else -(-quarter // 128) * 128
+        return plan.short_window(self.sequence_len)
 
     def window_sizes(self) -> list[int]:
         """Per layer, how many keys (the query's own position included) each query may attend to."""
-        pattern = self.window_pattern.upper()
-        sizes = [self.sequence_len if pattern[i % len(pattern)] == "L" else self.short_window() for i in range(self.n_layer)]
-        sizes[-1] = self.sequence_len  # the last layer always sees the whole context
-        return sizes
+        return plan.window_sizes(self.window_pattern, self.n_layer, self.sequence_len)
 
 
 def norm(x: torch.Tensor) -> torch.Tensor:

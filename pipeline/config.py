@@ -26,6 +26,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipeline import plan
 from pipeline import stages as stage_table
 
 DATA_SOURCES = ("fineweb-edu", "climbmix")
@@ -291,7 +292,7 @@ def validate(cfg: dict) -> dict:
             errors[f.name] = str(e)
             continue
         if f.min is not None and value < f.min:
-            errors[f.name] = f"must be at least {f.min:g}, got {_show(value)}"
+            errors[f.name] = plan.at_least(f.min, _show(value))
         elif f.max is not None and value > f.max:
             errors[f.name] = f"must be at most {f.max:g}, got {_show(value)}"
         elif f.choices and value not in f.choices:
@@ -330,13 +331,9 @@ def validate(cfg: dict) -> dict:
         errors["vocab_size"] = "must leave room for 256 byte tokens, 9 special tokens and at least one merge"
     seq, dbs, tbs, nproc, nnodes = (clean.get(k) for k in ("max_seq_len", "device_batch_size", "total_batch_size", "nproc_per_node", "nnodes"))
     if all(isinstance(v, int) for v in (seq, dbs, tbs, nproc, nnodes)) and not errors.keys() & {"max_seq_len", "device_batch_size", "total_batch_size", "nproc_per_node", "nnodes"}:
-        per_step = seq * dbs * nproc * nnodes
-        if tbs % per_step:
-            fits = max(per_step, (tbs // per_step) * per_step)
-            errors["total_batch_size"] = (
-                f"{tbs} tokens is not a multiple of max_seq_len x device_batch_size x GPUs = {per_step}; "
-                f"use e.g. {fits}"
-            )
+        problem = plan.batch_mismatch(tbs, dbs, seq, nproc * nnodes)
+        if problem:
+            errors["total_batch_size"] = problem
     endpoint = clean.get("rdzv_endpoint", "")
     if endpoint and "rdzv_endpoint" not in errors:
         # Checked whenever given (not only for multi-node runs): nothing unusable is stored.

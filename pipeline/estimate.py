@@ -10,95 +10,27 @@ From the command line (prints a table; --json prints the dict):
 
     python -m pipeline.estimate speedrun --hardware h100 --set depth=26 --set device_batch_size=16
 
-The model-shaped numbers are not re-derived here: parameters and FLOPs per
-token come from gpt.model's own GPT (built on the meta device, so no
-memory and no time even at depth 32), and the number of steps from
-trainer.base_train's own `horizon()`; the estimate therefore changes when
-the trainer does. Everything else (MFU, prices, other stages, memory) is an
-assumption, written down next to its number below, and the result says so.
+The model-shaped numbers are not re-derived here: parameters, FLOPs per token,
+gradient accumulation and the number of steps come from pipeline/plan.py,
+the same arithmetic gpt/model.py and trainer/base_train.py use
+(tests/test_plan.py builds the real model and compares); the estimate therefore changes when the
+trainer does. The hardware (peak FLOP/s, MFU, memory, price) is
+pipeline/hardware.py's table, and the later stages' allowances are
+pipeline/stages.py's. Everything else is an assumption, written down next to
+its number below, and the result says so.
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import math
 import os
-import subprocess
 import sys
-from types import SimpleNamespace
 
-from pipeline import config
+from pipeline import config, plan, stages as stage_table
+from pipeline.hardware import HARDWARE, default_hardware, hardware_choices, hardware_for_gpu_name  # noqa: F401 (the studio's names)
 from pipeline.report import format_duration
-
-# ---------------------------------------------------------------------------
-# Hardware
-#
-# peak_flops: vendor datasheet dense bf16 FLOP/s per device (no sparsity), the
-#   same figures as gpt.common.PEAK_FLOPS (a test keeps them equal), except
-#   "cpu", which is the measured bf16 2048^3 GEMM peak of this project's 2-core
-#   machines (bench/train.py, BENCHMARKS.md).
-# mfu: assumed model-FLOPs utilisation of pretraining.
-#   - H100: the reference reported 47-51% on 8xH100 for d32/d34 (run1000 log,
-#     d34 model card); 45% leaves room for our trainer, not measured on GPU yet.
-#   - H200: same compute as H100, more bandwidth: a little higher.
-#   - A100/A800: a community 8xA100 d20 run printed 20.8% MFU against the H100
-#     peak, i.e. ~66% of the A100's 312e12 (6.6 h pretraining); the reported
-#     8xA800 reproduction (~7 h) agrees. We assume 60%.
-#   - CPU: bench/train.py measured 39.8% on the tiny preset; 35% is the prudent round-down.
-#   - L40S, RTX 4090, B200, MI300X: no reference run; assumptions (less tuned
-#     kernels or less memory bandwidth than an H100).
-# usd_per_hour: rough on-demand price per device-hour in 2025 (the reference's
-#   "$100 run" assumes $3/GPU-hour for H100); change them for your provider.
-# memory_gb: per device (decimal GB); None = this machine's RAM.
-# match: substrings of `nvidia-smi -L` names that mean this kind (first hit wins).
-HARDWARE: dict[str, dict] = {
-    "cpu": dict(label="CPU (this machine)", short="CPU", peak_flops=370e9, mfu=0.35, usd_per_hour=0.0, memory_gb=None, match=()),
-    "h100": dict(label="NVIDIA H100 SXM 80 GB", short="H100", peak_flops=989e12, mfu=0.45, usd_per_hour=3.00, memory_gb=80,
-                 match=("H100", "H800")),
-    "h200": dict(label="NVIDIA H200 141 GB", short="H200", peak_flops=989e12, mfu=0.47, usd_per_hour=3.50, memory_gb=141,
-                 match=("H200",)),
-    "a100": dict(label="NVIDIA A100 80 GB", short="A100", peak_flops=312e12, mfu=0.60, usd_per_hour=1.80, memory_gb=80,
-                 match=("A100",)),
-    "a800": dict(label="NVIDIA A800 80 GB", short="A800", peak_flops=312e12, mfu=0.60, usd_per_hour=1.50, memory_gb=80,
-                 match=("A800",)),
-    "l40s": dict(label="NVIDIA L40S 48 GB", short="L40S", peak_flops=362e12, mfu=0.40, usd_per_hour=1.00, memory_gb=48,
-                 match=("L40S",)),
-    "rtx4090": dict(label="NVIDIA RTX 4090 24 GB", short="RTX 4090", peak_flops=165.2e12, mfu=0.40, usd_per_hour=0.40, memory_gb=24,
-                    match=("4090",)),
-    "b200": dict(label="NVIDIA B200 180 GB", short="B200", peak_flops=2.25e15, mfu=0.40, usd_per_hour=6.00, memory_gb=180,
-                 match=("B200",)),
-    "mi300x": dict(label="AMD MI300X 192 GB", short="MI300X", peak_flops=1.3074e15, mfu=0.30, usd_per_hour=2.50, memory_gb=192,
-                   match=("MI300X",)),
-}
-
-
-def hardware_choices() -> list[tuple[str, str]]:
-    """(key, label) pairs for a select box, in table order."""
-    return [(key, hw["label"]) for key, hw in HARDWARE.items()]
-
-
-def hardware_for_gpu_name(name: str) -> str | None:
-    """The HARDWARE key for a GPU name as nvidia-smi or torch print it, or None if unknown."""
-    for key, hw in HARDWARE.items():
-        if any(m in name for m in hw["match"]):
-            return key
-    return None
-
-
-@functools.lru_cache(maxsize=1)
-def default_hardware() -> str:
-    """The kind of GPU `nvidia-smi -L` lists on this machine, else "cpu". Cached: the GPUs do not change."""
-    try:
-        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=5, check=True).stdout
-    except (OSError, subprocess.SubprocessError):
-        return "cpu"
-    for line in out.splitlines():
-        key = hardware_for_gpu_name(line)
-        if key:
-            return key
-    return "cpu"
 
 
 def _host_memory_bytes() -> float:
@@ -125,21 +57,12 @@ DISK_BYTES_PER_SECOND = 1e9
 # A sample completion event: 6 prompts x 16 new tokens, each a full naive forward pass, latency bound.
 SAMPLE_FORWARDS = 6 * 16
 SECONDS_PER_LAYER_FORWARD = 0.3e-3
-# Later stages, as seconds of a d20 model on 8xH100 at the assumed 45% MFU (the reference's
-# speedrun), scaled below by the model's FLOPs per token and the chosen hardware's throughput.
-# Sources: reference/nanochat-facts.md (midtraining ~765 steps x 524,288 tokens; SFT ~650 steps;
-# RL 467 steps x 256 sampled completions; the 8xA800 reproduction's 15 min mid + 13 min SFT).
-OTHER_STAGES = {
-    "base_eval": (300.0, "CORE (22 few-shot tasks, ~1e8 forward tokens) + bits-per-byte"),
-    "mid_train": (480.0, "one epoch of the ~568K-conversation mixture (~4e8 tokens)"),
-    "mid_eval": (480.0, "chat evals: ARC, MMLU, GSM8K with tools, HumanEval (generation-bound)"),
-    "sft_train": (480.0, "~650 steps of padded conversations, with periodic evals"),
-    "sft_eval": (480.0, "chat evals: ARC, MMLU, GSM8K with tools, HumanEval (generation-bound)"),
-    "rl_train": (3600.0, "GRPO on GSM8K: 467 steps of 256 sampled completions (generation-bound)"),
-    "rl_eval": (300.0, "GSM8K pass@k"),
-}
+# Stages timed "scaled" in pipeline/stages.py: their reference_seconds are those of a d20 model on
+# 8xH100 (the reference's speedrun; stages.py says where each figure comes from), scaled below by
+# the model's FLOPs per token and the chosen hardware's throughput (so on 8xH100 at d20 they are
+# the reference seconds plus start-up, whatever MFU hardware.py assumes for the H100).
 REFERENCE_SHAPE = (20, 65536, 2048)  # depth, vocab, context of the run the allowances were set on
-REFERENCE_THROUGHPUT = 8 * 989e12 * 0.45
+REFERENCE_THROUGHPUT = 8 * HARDWARE["h100"].peak_flops * HARDWARE["h100"].mfu
 
 # Pretraining data: ~250M characters per upstream shard (pipeline.dataset) and ~100 MB on disk
 # (the speedrun's 240 shards are ~24 GB). A 65,536-token vocabulary gives ~4.8 characters per token
@@ -166,70 +89,6 @@ MEMORY_NOTE_FRACTION = 0.9
 
 
 # ---------------------------------------------------------------------------
-# The model, as the trainer builds it
-
-
-@functools.lru_cache(maxsize=64)
-def _meta_model(depth: int, vocab_size: int, seq_len: int):
-    """The trainer's GPT for this shape, on the meta device (no memory). Cached: built once per shape."""
-    import torch
-
-    from gpt.model import GPT, GPTConfig
-
-    # The same family base_train builds (its defaults for aspect ratio, head dim, kv heads, windows).
-    cfg = GPTConfig.from_depth(depth, vocab_size, sequence_len=seq_len)
-    with torch.device("meta"):
-        return GPT(cfg)
-
-
-@functools.lru_cache(maxsize=64)
-def _model_shape(depth: int, vocab_size: int, seq_len: int) -> dict:
-    model = _meta_model(depth, vocab_size, seq_len)
-    c = model.config
-    named = dict(model.named_parameters())
-    adamw = {"lm_head.weight", "transformer.wte.weight"}  # as gpt.optim.build_optimizer groups them
-    muon_shapes: dict[tuple, int] = {}
-    for name, p in named.items():
-        if name not in adamw:
-            muon_shapes[tuple(p.shape)] = muon_shapes.get(tuple(p.shape), 0) + 1
-    return {
-        "params": model.num_params(),
-        "scaling_params": model.num_scaling_params(),
-        "flops_per_token": model.flops_per_token(),
-        "linear_params": model.num_params() - named["transformer.wte.weight"].numel(),
-        "adamw_shapes": [tuple(named[n].shape) for n in sorted(adamw)],
-        "muon_shapes": sorted(muon_shapes.items()),
-        "width": c.n_embd,
-        "heads": c.n_head,
-        "kv_heads": c.n_kv_head,
-        "head_dim": c.head_dim,
-    }
-
-
-def _horizon(cfg: dict, depth: int, vocab: int, seq: int) -> tuple[int, str]:
-    """base_train's own horizon(), fed the flags the studio would pass (target_flops is not a studio knob)."""
-    from trainer.base_train import horizon
-
-    args = SimpleNamespace(num_iterations=cfg["num_iterations"], target_flops=-1.0,
-                           target_param_data_ratio=cfg["target_param_data_ratio"],
-                           total_batch_size=cfg["total_batch_size"])
-    return horizon(args, _meta_model(depth, vocab, seq))
-
-
-def _grad_accumulation(cfg: dict, world: int) -> tuple[int | None, str | None]:
-    """(accumulation steps, None) or (None, warning) exactly where base_train would refuse the batch."""
-    from trainer.base_train import grad_accumulation
-
-    try:
-        return grad_accumulation(cfg["total_batch_size"], cfg["device_batch_size"], cfg["max_seq_len"], world), None
-    except ValueError:
-        per_step = cfg["device_batch_size"] * cfg["max_seq_len"] * world
-        nearest = max(per_step, round(cfg["total_batch_size"] / per_step) * per_step)
-        return None, (f"total_batch_size {cfg['total_batch_size']:,} is not a multiple of device_batch_size x "
-                      f"max_seq_len x GPUs = {per_step:,}: the trainer will refuse it; use {nearest}")
-
-
-# ---------------------------------------------------------------------------
 # Pieces of the estimate
 
 
@@ -250,41 +109,41 @@ def kept_fraction(seq_len: int) -> float:
     return max(0.05, (1 - CROP_WASTE_AT_2048) * min(1.0, seq_len / 2048))
 
 
-def memory_per_device(cfg: dict, shape: dict, world: int, kind: str) -> dict:
+def memory_per_device(cfg: dict, shape: plan.ModelShape, world: int, kind: str) -> dict:
     """Estimated peak bytes on one device during pretraining, by part."""
     adamw_state = 0
-    for rows, cols in shape["adamw_shapes"]:
+    for rows, cols in shape.adamw_shapes:
         # Sharded along dim 0 when it divides by the world (and is worth it), else whole on every rank.
         sharded = world > 1 and rows * cols >= 1024 and rows % world == 0
         adamw_state += 2 * 4 * (rows * cols // world if sharded else rows * cols)
     muon_state = muon_workspace = 0
-    for dims, count in shape["muon_shapes"]:
+    for dims, count in shape.muon_shapes:
         numel = math.prod(dims)
         per_rank = -(-count // world)  # each rank owns a block of ceil(K/W) same-shape matrices
         muon_state += 4 * per_rank * numel
         muon_workspace += 4 * per_rank * world * numel  # stacked, zero-padded fp32 gradients of the group
     tokens = cfg["device_batch_size"] * cfg["max_seq_len"]
     parts = {
-        "weights": 4 * shape["params"],
-        "gradients": 4 * shape["params"],
-        "bf16_weight_copies": 2 * shape["linear_params"],
+        "weights": 4 * shape.params,
+        "gradients": 4 * shape.params,
+        "bf16_weight_copies": 2 * shape.linear_params,
         "optimizer_state": adamw_state + muon_state,
         "optimizer_workspace": muon_workspace,
-        "activations": tokens * ACTIVATION_BYTES_PER_TOKEN_WIDTH_LAYER * shape["width"] * cfg["depth"],
+        "activations": tokens * ACTIVATION_BYTES_PER_TOKEN_WIDTH_LAYER * shape.width * cfg["depth"],
         "logits": tokens * LOGIT_BYTES_PER_TOKEN_VOCAB * cfg["vocab_size"],
         "runtime": RUNTIME_OVERHEAD_BYTES[kind],
     }
     return {k: float(v) for k, v in parts.items()}
 
 
-def _largest_batch_that_fits(cfg: dict, shape: dict, world: int, kind: str, limit: float) -> int | None:
+def _largest_batch_that_fits(cfg: dict, shape: plan.ModelShape, world: int, kind: str, limit: float) -> int | None:
     """The largest power-of-two device_batch_size below the current one that fits and keeps the total batch whole."""
     dbs = cfg["device_batch_size"]
     while dbs > 1:
         dbs = 1 << ((dbs - 1).bit_length() - 1)  # next power of two below
         trial = {**cfg, "device_batch_size": dbs}
         if sum(memory_per_device(trial, shape, world, kind).values()) <= limit and \
-                cfg["total_batch_size"] % (dbs * cfg["max_seq_len"] * world) == 0:
+                plan.batch_mismatch(cfg["total_batch_size"], dbs, cfg["max_seq_len"], world) is None:
             return dbs
     return None
 
@@ -302,7 +161,7 @@ def _with_defaults(cfg: dict) -> dict:
 
 
 def estimate(cfg: dict, hardware: str) -> dict:
-    """Estimate a resolved configuration (config.resolve) on `hardware` (a HARDWARE key). JSON-able.
+    """Estimate a resolved configuration (config.resolve) on `hardware` (a pipeline.hardware.HARDWARE key). JSON-able.
 
     Raises ValueError for an unknown hardware key. Problems with the settings themselves are
     not raised but listed in "warnings" (will fail or likely fail) and "notes" (worth knowing).
@@ -318,17 +177,22 @@ def estimate(cfg: dict, hardware: str) -> dict:
     warnings: list[str] = []
     notes: list[str] = []
 
-    shape = _model_shape(depth, vocab, seq)
-    fpt = shape["flops_per_token"]
-    num_iterations, horizon_from = _horizon(cfg, depth, vocab, seq)
-    if cfg["num_iterations"] == 0:
-        warnings.append("num_iterations 0: base_train refuses it; use -1 to derive the steps from the tokens-per-parameter ratio")
-    accum, batch_warning = _grad_accumulation(cfg, world)
-    if batch_warning:
-        warnings.append(batch_warning)
+    shape = plan.model_shape(depth, vocab, seq)  # the GPT base_train builds from the studio's flags
+    fpt = shape.flops_per_token
+    # target_flops is not a studio knob: -1, as base_train's default.
+    num_iterations, horizon_from = plan.horizon(cfg["num_iterations"], -1.0, cfg["target_param_data_ratio"],
+                                                cfg["total_batch_size"], fpt, shape.scaling_params)
+    problem = plan.horizon_problem(cfg["num_iterations"], -1.0, cfg["target_param_data_ratio"])
+    if problem:
+        warnings.append(f"num_iterations: {problem}")
+    # None exactly where base_train would refuse the batch (then the rest is estimated all the same).
+    problem = plan.batch_mismatch(cfg["total_batch_size"], cfg["device_batch_size"], seq, world)
+    accum = None if problem else plan.grad_accumulation(cfg["total_batch_size"], cfg["device_batch_size"], seq, world)
+    if problem:
+        warnings.append(f"total_batch_size: {problem}")
     tokens = num_iterations * cfg["total_batch_size"]
     train_flops = fpt * tokens
-    throughput = devices * hw["peak_flops"] * hw["mfu"]  # model FLOP/s the whole job sustains
+    throughput = devices * hw.peak_flops * hw.mfu  # model FLOP/s the whole job sustains
 
     # Pretraining: the optimizer steps, plus what the stage does around them.
     train_seconds = train_flops / throughput
@@ -336,7 +200,7 @@ def estimate(cfg: dict, hardware: str) -> dict:
     n_evals = _count_every(num_iterations, cfg["eval_every"], at_zero=cfg["eval_every"] > 0)
     eval_seconds = n_evals * per_eval * (fpt / 3) / throughput  # forward only: a third of training FLOPs
     n_samples = _count_every(num_iterations, cfg["sample_every"], at_zero=False)
-    sample_seconds = n_samples * SAMPLE_FORWARDS * (depth * SECONDS_PER_LAYER_FORWARD + (fpt / 3) * 24 / (hw["peak_flops"] * hw["mfu"]))
+    sample_seconds = n_samples * SAMPLE_FORWARDS * (depth * SECONDS_PER_LAYER_FORWARD + (fpt / 3) * 24 / (hw.peak_flops * hw.mfu))
     n_saves = _count_every(num_iterations, cfg["save_every"], at_zero=False)
     mem = memory_per_device(cfg, shape, world, kind)
     checkpoint_bytes = mem["weights"] + mem["optimizer_state"] * world
@@ -345,38 +209,40 @@ def estimate(cfg: dict, hardware: str) -> dict:
     if eval_seconds > 0.2 * train_seconds:
         notes.append(f"validation takes {eval_seconds / train_seconds:.0%} of the training time: raise eval_every or lower eval_tokens")
 
-    # Every selected stage, in pipeline order.
-    ref_fpt = _model_shape(*REFERENCE_SHAPE)["flops_per_token"]
+    # Every selected stage, in pipeline order, timed as pipeline/stages.py says.
+    ref_fpt = plan.model_shape(*REFERENCE_SHAPE).flops_per_token
     stages = []
-    for stage in cfg["stages"]:
-        if stage == "tok_train":
+    for name in cfg["stages"]:
+        stage = stage_table.BY_NAME.get(name)
+        if stage is None:  # not a stage (an unvalidated configuration): nothing to time
+            continue
+        if stage.timing == "tokenizer":
             seconds, basis = TOK_TRAIN_STARTUP_SECONDS + cfg["tok_max_chars"] / TOK_TRAIN_CHARS_PER_SECOND, \
                 f"{cfg['tok_max_chars']:,} characters at ~{TOK_TRAIN_CHARS_PER_SECOND / 1e6:.0f}M/s on CPU"
-        elif stage == "tok_eval":
+        elif stage.timing == "tokenizer_eval":
             seconds, basis = TOK_EVAL_SECONDS, "compression on a few MB per text domain"
-        elif stage == "base_train":
+        elif stage.timing == "pretrain":
             seconds = pretrain_seconds
-            basis = (f"{num_iterations:,} steps at {hw['mfu']:.0%} MFU; {n_evals} validations, "
+            basis = (f"{num_iterations:,} steps at {hw.mfu:.0%} MFU; {n_evals} validations, "
                      f"{n_saves} checkpoints, start-up and compilation")
-        elif stage in OTHER_STAGES:
-            ref_seconds, basis = OTHER_STAGES[stage]
-            seconds = STARTUP_SECONDS[kind] + ref_seconds * (fpt / ref_fpt) * (REFERENCE_THROUGHPUT / throughput)
-            basis = f"{basis}; rough allowance"
+        elif stage.timing == "scaled":
+            seconds = STARTUP_SECONDS[kind] + stage.reference_seconds * (fpt / ref_fpt) * (REFERENCE_THROUGHPUT / throughput)
+            basis = f"{stage.timing_basis}; rough allowance"
         else:
-            continue
-        stages.append({"stage": stage, "seconds": round(seconds, 1), "basis": basis})
+            raise ValueError(f"stage {name}: unknown timing {stage.timing!r} in pipeline/stages.py")
+        stages.append({"stage": name, "seconds": round(seconds, 1), "basis": basis})
     total_seconds = sum(s["seconds"] for s in stages)
     if "base_train" not in cfg["stages"]:
         notes.append("base_train is not selected: the pretraining numbers describe the model, not this run's time")
 
     # Money: the whole machine is rented for the whole pipeline, GPUs idle or not.
     device_hours = total_seconds / 3600 * devices
-    cost = device_hours * hw["usd_per_hour"]
+    cost = device_hours * hw.usd_per_hour
 
     # Memory.
     per_device = sum(mem.values())
-    device_memory = _host_memory_bytes() if hw["memory_gb"] is None else hw["memory_gb"] * 1e9
-    where = "this machine's RAM" if kind == "cpu" else f"the {hw['memory_gb']} GB of one {hw['short']}"
+    device_memory = _host_memory_bytes() if hw.memory_gb is None else hw.memory_gb * 1e9
+    where = "this machine's RAM" if kind == "cpu" else f"the {hw.memory_gb} GB of one {hw.short}"
     if per_device > device_memory:
         fits = _largest_batch_that_fits(cfg, shape, world, kind, device_memory)
         fix = (f"try device_batch_size {fits} (gradient accumulation keeps the global batch)" if fits
@@ -404,23 +270,23 @@ def estimate(cfg: dict, hardware: str) -> dict:
         notes.append(f"downloads ~{_gb(data['download_bytes'])} of shards first unless they are cached or mirrored")
     if kind == "cpu" and world > 1:
         notes.append(f"on a CPU the {world} processes share the same cores: no faster than nproc_per_node 1")
-    ratio = tokens / shape["scaling_params"]
+    ratio = tokens / shape.scaling_params
     if ratio < 5 or ratio > 100:
         notes.append(f"{ratio:.1f} tokens per parameter; compute-optimal training is ~20")
 
     result = {
         "preset": cfg.get("preset", ""),
         "hardware": hardware,
-        "hardware_label": hw["label"],
+        "hardware_label": hw.label,
         "devices": devices,
         "world_size": world,
-        "peak_flops_per_device": hw["peak_flops"],
-        "mfu": hw["mfu"],
-        "usd_per_device_hour": hw["usd_per_hour"],
-        "model": {"depth": depth, "width": shape["width"], "heads": shape["heads"], "kv_heads": shape["kv_heads"],
-                  "head_dim": shape["head_dim"], "vocab_size": vocab, "seq_len": seq},
-        "params": shape["params"],
-        "scaling_params": shape["scaling_params"],
+        "peak_flops_per_device": hw.peak_flops,
+        "mfu": hw.mfu,
+        "usd_per_device_hour": hw.usd_per_hour,
+        "model": {"depth": depth, "width": shape.width, "heads": shape.heads, "kv_heads": shape.kv_heads,
+                  "head_dim": shape.head_dim, "vocab_size": vocab, "seq_len": seq},
+        "params": shape.params,
+        "scaling_params": shape.scaling_params,
         "flops_per_token": fpt,
         "num_iterations": num_iterations,
         "horizon_from": horizon_from,

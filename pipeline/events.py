@@ -154,23 +154,3 @@ def tail_events(run_dir_or_file: str | os.PathLike, offset: int = 0, lines_befor
 def stage_log_path(run_dir: str | os.PathLike, stage: str) -> Path:
     return Path(run_dir) / "logs" / f"{stage}.log"
 
-
-def restores_signals(main):
-    """Decorate a stage's main(): the SIGTERM/SIGINT handlers it installs are undone when it returns.
-
-    As a process the stage exits anyway; called as a function (tests, a notebook, the studio's
-    helpers) it must not leave its handlers in the caller's process.
-    """
-    import functools
-    import signal
-
-    @functools.wraps(main)
-    def wrapper(*args, **kwargs):
-        saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
-        try:
-            return main(*args, **kwargs)
-        finally:
-            for sig, handler in saved.items():
-                signal.signal(sig, handler)
-
-    return wrapper

@@ -10,11 +10,13 @@ run is still going, and a reader never depends on a stage having called it.
 The studio calls `capture_environment(run_dir)` once when a run starts and
 `build_report(run_dir)` / `write_report(run_dir)` whenever it wants the card.
 
-Summary-table contract for evaluation stages: an `eval` event from stage
-base_eval fills the BASE column (mid_eval -> MID, sft_eval -> SFT, rl_eval ->
-RL). The row is the event's `name` (compared case-insensitively, ignoring
-'-', '_' and spaces), the number its `value` field, else the field named like
-`name`, else `score`, else `accuracy`.
+Summary-table contract for evaluation stages: an `eval` event from an
+evaluation stage fills that stage's column (its `report_column` in
+pipeline/stages.py: base_eval -> BASE, mid_eval -> MID, sft_eval -> SFT,
+rl_eval -> RL). The row is the event's `name` (compared case-insensitively,
+ignoring '-', '_' and spaces), the number its `value` field, else the field
+named like `name`, else `score`, else `accuracy`. Each stage's section is
+titled with its `title` there, and the cost uses pipeline/hardware.py's prices.
 
 Every string that comes from events or the config is untrusted: it is escaped
 here so it cannot break a table, and the studio's renderer sanitises the HTML
@@ -36,6 +38,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from pipeline import hardware, stages
 from pipeline.events import CONFIG_FILE, read_events, write_json_atomic
 
 ENVIRONMENT_FILE = "environment.json"
@@ -45,19 +48,6 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 CODE_EXTENSIONS = {".py", ".rs", ".js", ".html", ".css", ".sh", ".toml", ".md"}
 PACKAGES = ("torch", "django", "tokenizers")
 MISSING = "—"
-
-# $/GPU-hour by GPU name substring, first match wins: longer names first, so
-# "A100" is not priced as "A10". Rough on-demand cloud prices.
-GPU_HOUR_PRICES = (
-    ("H200", 3.50),
-    ("H100", 3.00),
-    ("A100", 1.80),
-    ("A800", 1.60),
-    ("L40S", 1.00),
-    ("A10", 0.75),
-)
-DEFAULT_GPU_HOUR_PRICE = 2.50
-PRICE_ENV = "NANOSTUDIO_GPU_HOUR_PRICE"
 
 # Summary table: rows in display order, keyed by their normalised name.
 SUMMARY_ROWS = (
@@ -71,20 +61,6 @@ SUMMARY_ROWS = (
 )
 # Short names the reference project used for the ARC rows.
 METRIC_ALIASES = {"arce": "arceasy", "arcc": "arcchallenge"}
-SUMMARY_COLUMNS = (("base_eval", "BASE"), ("mid_eval", "MID"), ("sft_eval", "SFT"), ("rl_eval", "RL"))
-
-STAGE_TITLES = {
-    "tok_train": "Tokenizer training",
-    "tok_eval": "Tokenizer evaluation",
-    "base_train": "Base model training",
-    "base_eval": "Base model evaluation",
-    "mid_train": "Midtraining",
-    "mid_eval": "Midtraining evaluation",
-    "sft_train": "Supervised fine-tuning",
-    "sft_eval": "SFT evaluation",
-    "rl_train": "Reinforcement learning",
-    "rl_eval": "RL evaluation",
-}
 ENVELOPE = {"time", "stage", "kind", "seq"}
 
 
@@ -322,10 +298,6 @@ def format_duration(seconds: float | None) -> str:
     return f"{days} d {hours:02d} h"
 
 
-def fmt_duration(seconds: float | None) -> str:
-    return format_duration(seconds) or MISSING
-
-
 def table(headers: list[str], rows: list[list[str]]) -> list[str]:
     """A Markdown table; cells must already be escaped."""
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
@@ -356,7 +328,7 @@ def eval_value(event: dict) -> float | None:
 
 def summary_values(events: list[dict]) -> dict[tuple[str, str], float]:
     """{(row key, column): value} from the eval stages; a later event overrides an earlier one."""
-    columns = dict(SUMMARY_COLUMNS)
+    columns = dict(stages.summary_columns())
     rows = {key for key, _ in SUMMARY_ROWS}
     values = {}
     for e in events:
@@ -370,31 +342,18 @@ def summary_values(events: list[dict]) -> dict[tuple[str, str], float]:
 
 def summary_table(events: list[dict]) -> list[str]:
     values = summary_values(events)
+    columns = [column for _, column in stages.summary_columns()]
     rows = []
     for key, label in SUMMARY_ROWS:
         cells = [label]
-        for _, column in SUMMARY_COLUMNS:
+        for column in columns:
             value = values.get((key, column))
             cells.append(MISSING if value is None else f"{value:.4f}")
         rows.append(cells)
-    return table(["Metric"] + [column for _, column in SUMMARY_COLUMNS], rows)
+    return table(["Metric"] + columns, rows)
 
 
 # --- cost ---------------------------------------------------------------------------------------
-
-def gpu_hour_price(name: str) -> float:
-    override = os.environ.get(PRICE_ENV)
-    if override:
-        try:
-            return float(override)
-        except ValueError:
-            pass  # a typo in the variable should not stop the report; use the table
-    upper = name.upper()
-    for key, price in GPU_HOUR_PRICES:
-        if key in upper:
-            return price
-    return DEFAULT_GPU_HOUR_PRICE
-
 
 def cost_line(env: dict | None, wall_seconds: float | None) -> str:
     if env is None:
@@ -405,7 +364,7 @@ def cost_line(env: dict | None, wall_seconds: float | None) -> str:
     if wall_seconds is None:
         return "**Estimated cost:** unknown (no timed events yet)"
     hours = wall_seconds / 3600
-    hourly = sum(gpu_hour_price(str(g.get("name", ""))) for g in gpus)
+    hourly = sum(hardware.gpu_hour_price(str(g.get("name", ""))) for g in gpus)  # pipeline/hardware.py's prices
     names = sorted({str(g.get("name", "")) for g in gpus})
     return (f"**Estimated cost:** {hours * hourly:,.2f} USD ({hours * len(gpus):,.2f} GPU-hours on "
             f"{len(gpus)} × {md_text(', '.join(names))}, {hourly / len(gpus):.2f} USD per GPU-hour)")
@@ -509,12 +468,13 @@ def _samples(event: dict) -> list[str]:
 
 
 def stage_section(stage: str, events: list[dict]) -> list[str]:
-    title = STAGE_TITLES.get(stage)
+    known = stages.BY_NAME.get(stage)  # events may name a stage this version does not have
+    title = known.title if known else None
     heading = f"{title} (`{stage}`)" if title else md_text(stage)
     status, seconds, attempts = stage_timing(events)
     lines = [f"## {heading}", ""]
     lines.append(f"- **Status:** {md_text(status)}")
-    lines.append(f"- **Duration:** {fmt_duration(seconds)}" + (f" over {attempts} attempts" if attempts > 1 else ""))
+    lines.append(f"- **Duration:** {format_duration(seconds) or MISSING}" + (f" over {attempts} attempts" if attempts > 1 else ""))
     errors = [e for e in events if e.get("kind") == "error"]
     if errors:
         lines.append(f"- **Last error:** {md_text(errors[-1].get('message', ''))}")
@@ -628,7 +588,7 @@ def build_report(run_dir: str | os.PathLike) -> str:
     lines += ["## Summary", ""] + summary_table(events)
     times = _times(events)
     wall = max(times) - min(times) if times else None
-    lines.append(f"**Total wall-clock time:** {fmt_duration(wall)}")
+    lines.append(f"**Total wall-clock time:** {format_duration(wall) or MISSING}")
     lines.append("")
     lines.append(cost_line(env, wall))
     lines.append("")

@@ -207,3 +207,17 @@ def test_unknown_settings_are_named_briefly():
         config.validate({**config.defaults(), "k" * 10_000: 1, 7: 1})
     assert all(len(key) <= 100 and len(message) < 1000 for key, message in err.value.errors.items())
     assert any("unknown setting" in message for message in err.value.errors.values())
+
+
+def test_the_batch_and_depth_are_judged_in_pipeline_plans_words():
+    # One wording for the configuration, the estimate and a hand-typed base_train command (pipeline/plan.py).
+    from pipeline import plan
+
+    with pytest.raises(ConfigError) as err:
+        config.resolve("tiny", {"total_batch_size": 3000, "nproc_per_node": 2, "depth": 0})
+    assert err.value.errors["total_batch_size"] == plan.batch_mismatch(3000, 8, 256, 2)
+    assert "use e.g. total_batch_size 4096" in err.value.errors["total_batch_size"]  # below 2 x 8 x 256: the one multiple up
+    assert err.value.errors["depth"] == plan.at_least(1, 0) == "must be at least 1, got 0"
+    with pytest.raises(ConfigError) as err:
+        config.resolve("tiny", {"num_iterations": 0})
+    assert err.value.errors["num_iterations"] == plan.horizon_problem(0, -1.0, 0.6)

@@ -8,7 +8,7 @@ import re
 import pytest
 import torch
 
-from pipeline import config, estimate, stages
+from pipeline import config, estimate, plan, stages
 from gpt import common
 from trainer import base_train
 from gpt.model import GPT, GPTConfig, count_params_by_hand, flops_per_token_by_hand
@@ -61,7 +61,8 @@ def test_steps_tokens_and_flops_are_what_base_train_derives(preset, overrides):
     cfg = config.resolve(preset, overrides)
     est = estimate.estimate(cfg, "h100")
     model, args = trainer_model_and_args(cfg)
-    steps, horizon_from = base_train.horizon(args, model)
+    steps, horizon_from = plan.horizon(args.num_iterations, args.target_flops, args.target_param_data_ratio,
+                                       args.total_batch_size, model.flops_per_token(), model.num_scaling_params())
     assert (est["num_iterations"], est["horizon_from"]) == (steps, horizon_from)
     assert est["tokens"] == steps * args.total_batch_size
     assert est["total_flops"] == model.flops_per_token() * steps * args.total_batch_size  # as its "setup" event says
@@ -95,7 +96,8 @@ def test_a_batch_that_does_not_divide_is_warned_with_a_fix():
     cfg = {**config.resolve("tiny"), "total_batch_size": 3000}  # config.resolve would refuse it; the trainer too
     est = estimate.estimate(cfg, "cpu")
     assert est["grad_accum"] is None
-    assert any("not a multiple of" in w and "the trainer will refuse it; use 2048" in w for w in est["warnings"])
+    assert f"total_batch_size: {plan.batch_mismatch(3000, 8, 256, 1)}" in est["warnings"]  # config.validate's words
+    assert any("not a multiple of" in w and "use e.g. total_batch_size 2048" in w for w in est["warnings"])
 
 
 def test_d32_with_a_huge_device_batch_on_one_gpu_warns_about_memory():
@@ -126,13 +128,13 @@ def test_too_few_shards_for_the_horizon_is_warned():
 
 def test_num_iterations_zero_is_warned():
     est = estimate.estimate({**config.resolve("smoke"), "num_iterations": 0}, "cpu")
-    assert any("num_iterations 0" in w for w in est["warnings"])
+    assert f"num_iterations: {plan.horizon_problem(0, -1.0, 20.0)}" in est["warnings"]  # config.validate's words
 
 
 def test_hardware_peaks_match_the_trainers_mfu_table():
     for key, hw in estimate.HARDWARE.items():
         if key != "cpu":
-            assert common.peak_flops(hw["label"]) == hw["peak_flops"], key
+            assert common.peak_flops(hw.label) == hw.peak_flops, key
 
 
 def test_gpu_names_map_to_hardware_kinds():
@@ -151,9 +153,9 @@ def test_unknown_hardware_is_refused_with_the_choices():
 def test_a_second_estimate_reuses_the_model_shape():
     cfg = config.resolve("speedrun", {"depth": 14})
     estimate.estimate(cfg, "h100")
-    hits = estimate._model_shape.cache_info().hits
+    hits = plan.model_shape.cache_info().hits
     estimate.estimate({**cfg, "device_batch_size": 16}, "a100")
-    assert estimate._model_shape.cache_info().hits > hits
+    assert plan.model_shape.cache_info().hits > hits
 
 
 def test_estimate_is_plain_json():

@@ -12,7 +12,7 @@ from pathlib import Path
 import markdown
 import pytest
 
-from pipeline import report
+from pipeline import hardware, report
 from pipeline.events import EventWriter, write_json_atomic
 
 REPO = Path(__file__).resolve().parents[1]
@@ -21,7 +21,7 @@ T0 = 1_800_000_000.0
 
 @pytest.fixture
 def run(tmp_path, monkeypatch):
-    monkeypatch.delenv(report.PRICE_ENV, raising=False)
+    monkeypatch.delenv(hardware.PRICE_ENV, raising=False)
     path = tmp_path / "20260101-000000-abc123"
     path.mkdir()
     write_json_atomic(path / "config.json", {"preset": "tiny", "description": "test run", "stages": ["tok_train"]})
@@ -221,13 +221,13 @@ def test_identical_gpus_are_listed_once_with_a_count(run):
 
 
 def test_a100_is_not_priced_as_a10():
-    assert report.gpu_hour_price("NVIDIA A100-SXM4-80GB") == 1.80
-    assert report.gpu_hour_price("NVIDIA A10") == 0.75
-    assert report.gpu_hour_price("Some Future GPU") == report.DEFAULT_GPU_HOUR_PRICE
+    assert hardware.gpu_hour_price("NVIDIA A100-SXM4-80GB") == 1.80
+    assert hardware.gpu_hour_price("NVIDIA A10") == 0.75
+    assert hardware.gpu_hour_price("Some Future GPU") == hardware.DEFAULT_GPU_HOUR_PRICE
 
 
 def test_price_per_gpu_hour_can_be_overridden(run, monkeypatch):
-    monkeypatch.setenv(report.PRICE_ENV, "1.25")
+    monkeypatch.setenv(hardware.PRICE_ENV, "1.25")
     environment(run, [{"name": "NVIDIA H100", "memory_mib": 81559}] * 2)
     stage(run, "base_train", end=3600)
     assert "2.50 USD" in report.build_report(run)

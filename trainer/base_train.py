@@ -24,10 +24,8 @@ from __future__ import annotations
 import argparse
 import math
 import shutil
-import signal
 import sys
 import time
-import traceback
 from pathlib import Path
 
 import torch
@@ -35,11 +33,12 @@ import torch.distributed as dist
 
 from pipeline import checkpoints
 from pipeline import dataset
+from pipeline import plan
 from gpt import checkpoint, common
-from pipeline.events import EventWriter, restores_signals
+from pipeline.events import EventWriter
+from pipeline.harness import STOP, Stage
 
 STAGE = "base_train"
-EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: stopped on request, checkpoint saved, resume with --resume
 SAMPLE_PROMPTS = [
     "The capital of France is",
     "Water is made of hydrogen and",
@@ -97,24 +96,16 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     for name in ("depth", "max_seq_len", "device_batch_size", "total_batch_size", "head_dim", "aspect_ratio"):
         if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if args.num_iterations == 0:
-        p.error("--num-iterations must be positive (or -1 to derive it from --target-flops / --target-param-data-ratio)")
-    if args.target_param_data_ratio <= 0 and args.num_iterations < 0 and args.target_flops <= 0:
-        p.error("set a horizon: --num-iterations, --target-flops or a positive --target-param-data-ratio")
+            p.error(f"--{name.replace('_', '-')} {plan.at_least(1, getattr(args, name))}")
+    problem = plan.horizon_problem(args.num_iterations, args.target_flops, args.target_param_data_ratio, flags=True)
+    if problem:
+        p.error(f"--num-iterations: {problem}")
     return args
 
 
 def grad_accumulation(total_batch: int, device_batch: int, seq_len: int, world: int) -> int:
-    per_step = device_batch * seq_len * world
-    if total_batch % per_step:
-        lower = max(per_step, total_batch // per_step * per_step)
-        raise ValueError(
-            f"--total-batch-size {total_batch} is not a multiple of device batch x seq len x ranks = "
-            f"{device_batch} x {seq_len} x {world} = {per_step}; use e.g. --total-batch-size {lower} "
-            f"or change --device-batch-size"
-        )
-    return total_batch // per_step
+    """Micro-steps per optimizer step (pipeline.plan); a batch that does not divide is refused in this command's flags."""
+    return plan.grad_accumulation(total_batch, device_batch, seq_len, world, flags=True)
 
 
 def data_streams(saved_args: dict) -> int:
@@ -156,16 +147,6 @@ def resumed_streams(saved: list[dict | None], rank: int, accum: int) -> list[dic
     return states[rank * accum:(rank + 1) * accum]
 
 
-def horizon(args, model) -> tuple[int, str]:
-    if args.num_iterations > 0:
-        return args.num_iterations, "num-iterations"
-    if args.target_flops > 0:
-        steps = round(args.target_flops / (model.flops_per_token() * args.total_batch_size))
-        return max(1, steps), f"target-flops {args.target_flops:.3g}"
-    tokens = args.target_param_data_ratio * model.num_scaling_params()
-    return max(1, round(tokens / args.total_batch_size)), f"ratio {args.target_param_data_ratio} tokens/param"
-
-
 @torch.no_grad()
 def evaluate_bpb(model, batches, token_bytes: torch.Tensor, ctx) -> float:
     """Bits per byte on validation batches: total nats over total UTF-8 bytes of the targets.
@@ -190,7 +171,8 @@ def evaluate_bpb(model, batches, token_bytes: torch.Tensor, ctx) -> float:
     return nats.item() / (math.log(2) * nbytes.item())
 
 
-def train(args, ctx, events: EventWriter, stop: dict) -> int:
+def train(args, ctx, events: EventWriter, stage: Stage) -> str:
+    """Train to the horizon; "interrupted" if asked to stop first (stage.stop_requested), with a checkpoint saved."""
     from gpt.data import PretrainLoader, val_batches
     from gpt.model import GPTConfig, build_model
     from gpt.optim import build_optimizer, lr_multiplier, muon_momentum, weight_decay_at
@@ -212,7 +194,8 @@ def train(args, ctx, events: EventWriter, stop: dict) -> int:
         # before grad_accumulation, whose advice (change the batch) would be wrong for a resume
         check_resume_world(checkpoints.read_meta(resume_from), args, ctx.world_size)
     accum = grad_accumulation(args.total_batch_size, args.device_batch_size, args.max_seq_len, ctx.world_size)
-    num_iterations, horizon_from = horizon(args, model)
+    num_iterations, horizon_from = plan.horizon(args.num_iterations, args.target_flops, args.target_param_data_ratio,
+                                                args.total_batch_size, model.flops_per_token(), model.num_scaling_params())
     flops_per_token = model.flops_per_token()
     peak = common.peak_flops(ctx.device_name) if ctx.device_type == "cuda" else None
 
@@ -292,10 +275,10 @@ def train(args, ctx, events: EventWriter, stop: dict) -> int:
                     samples.append({"prompt": prompt, "completion": tok.decode(out)})
                 model.train()
                 events.emit("sample", step=step, samples=samples)
-            if step > last_saved and (due(args.save_every, step) or stop["now"]):
+            if step > last_saved and (due(args.save_every, step) or stage.stop_requested):
                 save(step)
                 last_saved = step
-            if step >= num_iterations or stop["now"]:
+            if step >= num_iterations or stage.stop_requested:
                 break
 
             # One optimizer step: `accum` micro-batches of gradients, averaged.
@@ -321,13 +304,13 @@ def train(args, ctx, events: EventWriter, stop: dict) -> int:
             step += 1
 
             if step == args.stop_after_step:
-                stop["now"] = True
+                stage.stop_requested = True
             # One collective per step carries both the mean loss and any stop request
             # (SIGTERM/SIGINT), which every rank must act on at the same step.
             if ctx.distributed:
-                shared = torch.tensor([train_loss, 1.0 if stop["now"] else 0.0], dtype=torch.float64, device=ctx.device)
+                shared = torch.tensor([train_loss, 1.0 if stage.stop_requested else 0.0], dtype=torch.float64, device=ctx.device)
                 dist.all_reduce(shared)
-                train_loss, stop["now"] = shared[0].item() / ctx.world_size, shared[1].item() > 0
+                train_loss, stage.stop_requested = shared[0].item() / ctx.world_size, shared[1].item() > 0
             if not math.isfinite(train_loss):
                 raise FloatingPointError(f"loss became {train_loss} at step {step}; lower the learning rates or check the data")
             beta = 0.9
@@ -348,7 +331,7 @@ def train(args, ctx, events: EventWriter, stop: dict) -> int:
 
         events.emit("result", step=step, num_iterations=num_iterations, min_val_bpb=loop["min_val_bpb"],
                     train_seconds=round(loop["train_seconds"], 3), params=model.num_params())
-        return EXIT_INTERRUPTED if stop["now"] and step < num_iterations else 0
+        return "interrupted" if stage.stop_requested and step < num_iterations else "done"
     finally:
         for b in batches:
             b.close()  # stop each loader's background threads before the interpreter exits
@@ -359,37 +342,16 @@ def say(ctx, message: str):
         print(message, flush=True)
 
 
-@restores_signals
 def main(argv=None):
     args = parse_args(argv)
-    stop = {"now": False}
-
-    def request_stop(signum, frame):
-        # Finish the current step, save a checkpoint, exit 75. A second signal kills.
-        if stop["now"]:
-            raise KeyboardInterrupt
-        stop["now"] = True
-
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
-    ctx = common.setup(args.device, args.dtype, args.seed)
-    events = EventWriter(args.run_dir, STAGE, enabled=ctx.master)
-    events.start(args=vars(args), world_size=ctx.world_size)
-    t0 = time.time()
-    try:
+    # STOP: the first SIGTERM/SIGINT finishes the step, saves a checkpoint and exits 75; a second kills.
+    with Stage(STAGE, signals=STOP) as stage:
+        ctx = common.setup(args.device, args.dtype, args.seed)
+        stage.start(EventWriter(args.run_dir, STAGE, enabled=ctx.master), args=vars(args), world_size=ctx.world_size)
         if not (Path(args.run_dir) / "tokenizer" / "tokenizer.json").exists():
             raise FileNotFoundError(f"{args.run_dir}/tokenizer/tokenizer.json not found; run the tok_train stage first")
-        code = train(args, ctx, events, stop)
-    except Exception as e:
-        events.error(f"{type(e).__name__}: {e}", traceback=traceback.format_exc(limit=10))
-        events.end(status="failed", seconds=round(time.time() - t0, 3))
-        print(f"base_train failed: {e}", file=sys.stderr, flush=True)
-        return 1
-    finally:
-        if ctx.distributed and dist.is_initialized():
-            dist.destroy_process_group()
-    events.end(status="interrupted" if code == EXIT_INTERRUPTED else "done", seconds=round(time.time() - t0, 3))
-    return code
+        stage.status = train(args, ctx, stage.events, stage)
+    return stage.exit_code
 
 
 if __name__ == "__main__":

@@ -21,15 +21,14 @@ import argparse
 import hashlib
 import json
 import os
-import signal
 import sys
 import tempfile
 import time
-import traceback
 from pathlib import Path
 
 from pipeline import dataset
-from pipeline.events import EventWriter, restores_signals, write_json_atomic
+from pipeline.events import EventWriter, write_json_atomic
+from pipeline.harness import Stage
 from gpt.tokenizer import SPECIAL_TOKENS, Tokenizer
 
 STAGE = "tok_eval"
@@ -226,31 +225,17 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-@restores_signals
 def main(argv=None):
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
-    events = EventWriter(args.run_dir, STAGE)
-    events.start(args=vars(args))
-    t0 = time.time()
-    try:
-        result = evaluate(args, events)
-    except KeyboardInterrupt:
-        events.end(status="cancelled", seconds=round(time.time() - t0, 3))
-        return 130
-    except Exception as e:
-        events.error(f"{type(e).__name__}: {e}", traceback=traceback.format_exc(limit=8))
-        events.end(status="failed", seconds=round(time.time() - t0, 3))
-        print(f"tok_eval failed: {e}", file=sys.stderr)
-        return 1
-    write_json_atomic(Path(args.run_dir) / "tokenizer" / "eval.json", result)
-    events.emit("eval", name="tokenizer", **result)
-    table = format_table(result)
-    print(table)
-    for note in result["notes"]:
-        print("note:", note)
-    events.end(status="done", seconds=round(time.time() - t0, 3))
-    return 0
+    with Stage(STAGE) as stage:
+        stage.start(EventWriter(args.run_dir, STAGE), args=vars(args))
+        result = evaluate(args, stage.events)
+        write_json_atomic(Path(args.run_dir) / "tokenizer" / "eval.json", result)
+        stage.events.emit("eval", name="tokenizer", **result)
+        print(format_table(result))
+        for note in result["notes"]:
+            print("note:", note)
+    return stage.exit_code
 
 
 if __name__ == "__main__":

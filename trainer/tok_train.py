@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import argparse
 import resource
-import signal
 import sys
 import time
-import traceback
 from pathlib import Path
 
 from pipeline import dataset
-from pipeline.events import EventWriter, restores_signals, write_json_atomic
+from pipeline.events import EventWriter, write_json_atomic
+from pipeline.harness import Stage
 from gpt.tokenizer import SPECIAL_TOKENS, Tokenizer
 
 STAGE = "tok_train"
@@ -107,31 +106,15 @@ def train(args, events: EventWriter) -> dict:
     return stats
 
 
-@restores_signals
 def main(argv=None):
     args = parse_args(argv)
-    # The studio cancels a stage with SIGTERM to its process group: turn it
-    # into KeyboardInterrupt so the stage records why it stopped.
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
-    events = EventWriter(args.run_dir, STAGE)
-    events.start(args=vars(args))
-    t0 = time.time()
-    try:
-        stats = train(args, events)
-    except KeyboardInterrupt:
-        events.error("interrupted", seconds=round(time.time() - t0, 3))
-        events.end(status="cancelled", seconds=round(time.time() - t0, 3))
-        return 130
-    except Exception as e:
-        events.error(f"{type(e).__name__}: {e}", traceback=traceback.format_exc(limit=8))
-        events.end(status="failed", seconds=round(time.time() - t0, 3))
-        print(f"tok_train failed: {e}", file=sys.stderr)
-        return 1
-    events.emit("result", **{k: v for k, v in stats.items() if k != "special_tokens"})
-    events.end(status="done", seconds=round(time.time() - t0, 3))
-    print(f"tokenizer: vocab {stats['vocab_size']}, {stats['merges']} merges, trained in {stats['train_seconds']:.1f}s "
-          f"-> {Path(args.run_dir) / 'tokenizer' / 'tokenizer.json'}")
-    return 0
+    with Stage(STAGE) as stage:
+        stage.start(EventWriter(args.run_dir, STAGE), args=vars(args))
+        stats = train(args, stage.events)
+        stage.events.emit("result", **{k: v for k, v in stats.items() if k != "special_tokens"})
+        print(f"tokenizer: vocab {stats['vocab_size']}, {stats['merges']} merges, trained in {stats['train_seconds']:.1f}s "
+              f"-> {Path(args.run_dir) / 'tokenizer' / 'tokenizer.json'}")
+    return stage.exit_code
 
 
 if __name__ == "__main__":
