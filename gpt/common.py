@@ -4,7 +4,8 @@
     with ctx.autocast():
         loss = model(x, y)
     ...
-    common.teardown()
+
+(pipeline/harness.py tears torch.distributed down when the stage ends.)
 
 One process per GPU under torchrun (NCCL on CUDA, gloo on CPU); a plain
 `python -m ...` is a world of one. Rank 0 is the only one that writes events,
@@ -120,8 +121,3 @@ def setup(device: str = "auto", dtype: str = "auto", seed: int = 42) -> Context:
     torch.manual_seed(seed)
     return Context(dev, device_type, rank, local_rank, world_size, choose_dtype(device_type, dtype), name)
 
-
-def teardown():
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()

@@ -337,16 +337,3 @@ def build_model(config: GPTConfig, device) -> GPT:
     model.to_empty(device=device)
     model.init_weights()
     return model
-
-
-def count_params_by_hand(config: GPTConfig) -> int:
-    """Closed form: untied embedding and head, and per layer q, k, v, proj and the 4x MLP (no biases, no norm weights)."""
-    d, kv = config.n_embd, config.n_kv_head * config.head_dim
-    per_layer = d * d + 2 * d * kv + d * d + 8 * d * d
-    return 2 * config.vocab_size * d + config.n_layer * per_layer
-
-
-def flops_per_token_by_hand(config: GPTConfig) -> float:
-    non_embedding = count_params_by_hand(config) - config.vocab_size * config.n_embd
-    attn = sum(12 * config.n_head * config.head_dim * min(w, config.sequence_len) for w in config.window_sizes())
-    return float(6 * non_embedding + attn)

@@ -342,8 +342,10 @@ def validate(cfg: dict) -> dict:
             errors["rdzv_endpoint"] = problem
     elif not endpoint and "rdzv_endpoint" not in errors and clean.get("nnodes", 1) > 1:
         errors["rdzv_endpoint"] = "multi-node runs need HOST:PORT of the first node (reachable from every node), e.g. 10.0.0.1:29500"
-    if clean.get("num_iterations") == 0:
-        errors["num_iterations"] = "0 steps would train nothing; give a number of steps, or -1 to derive them from target_param_data_ratio"
+    if not errors.keys() & {"num_iterations", "target_param_data_ratio"}:
+        problem = plan.horizon_problem(clean["num_iterations"], -1.0, clean["target_param_data_ratio"])
+        if problem:
+            errors["num_iterations"] = problem
     data_dir = clean.get("data_dir", "")
     if data_dir and "data_dir" not in errors:
         # The one path a person types in: it must name an existing folder of

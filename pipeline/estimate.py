@@ -29,6 +29,7 @@ import os
 import sys
 
 from pipeline import config, plan, stages as stage_table
+from pipeline import hardware as hardware_table
 from pipeline.hardware import HARDWARE, default_hardware, hardware_choices, hardware_for_gpu_name  # noqa: F401 (the studio's names)
 from pipeline.report import format_duration
 
@@ -237,7 +238,7 @@ def estimate(cfg: dict, hardware: str) -> dict:
 
     # Money: the whole machine is rented for the whole pipeline, GPUs idle or not.
     device_hours = total_seconds / 3600 * devices
-    cost = device_hours * hw.usd_per_hour
+    cost = device_hours * hardware_table.hourly_price(hw)
 
     # Memory.
     per_device = sum(mem.values())
@@ -282,7 +283,7 @@ def estimate(cfg: dict, hardware: str) -> dict:
         "world_size": world,
         "peak_flops_per_device": hw.peak_flops,
         "mfu": hw.mfu,
-        "usd_per_device_hour": hw.usd_per_hour,
+        "usd_per_device_hour": hardware_table.hourly_price(hw),
         "model": {"depth": depth, "width": shape.width, "heads": shape.heads, "kv_heads": shape.kv_heads,
                   "head_dim": shape.head_dim, "vocab_size": vocab, "seq_len": seq},
         "params": shape.params,

@@ -124,13 +124,30 @@ def default_hardware() -> str:
     return "cpu"
 
 
-def gpu_hour_price(name: str) -> float:
-    """$ per hour of one GPU called `name`: $NANOSTUDIO_GPU_HOUR_PRICE if set, else its row's, else the default."""
+def _price_override() -> float | None:
+    """$NANOSTUDIO_GPU_HOUR_PRICE as a number, or None when unset (or mistyped: the table applies then)."""
     override = os.environ.get(PRICE_ENV)
     if override:
         try:
             return float(override)
         except ValueError:
-            pass  # a typo in the variable should not stop the report; use the table
+            pass  # a typo in the variable should not stop a report or an estimate
+    return None
+
+
+def hourly_price(device: Device) -> float:
+    """$ per hour of one `device`: $NANOSTUDIO_GPU_HOUR_PRICE for a GPU if set, else its row's.
+
+    The estimate and the report card both price through here, so one run is priced once.
+    """
+    override = _price_override()
+    return override if override is not None and device.key != "cpu" else device.usd_per_hour
+
+
+def gpu_hour_price(name: str) -> float:
+    """$ per hour of one GPU called `name` (as torch or nvidia-smi print it); the default for an unknown one."""
     device = device_for_name(name)
-    return device.usd_per_hour if device else DEFAULT_GPU_HOUR_PRICE
+    if device is None:
+        override = _price_override()
+        return DEFAULT_GPU_HOUR_PRICE if override is None else override
+    return hourly_price(device)

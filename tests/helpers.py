@@ -56,3 +56,17 @@ def make_chat_run(run_dir, stages_and_steps, sequence_len: int = 64):
     config = GPTConfig(sequence_len=sequence_len, vocab_size=1024, n_layer=2, n_head=2, n_kv_head=1, n_embd=64)
     save_test_checkpoints(run_dir, build_model(config, "cpu"), stages_and_steps)
     return run_dir
+
+
+# Test oracles: the model's size written out by hand, independent of gpt/model.py and pipeline/plan.py.
+def count_params_by_hand(config) -> int:
+    """Closed form: untied embedding and head, and per layer q, k, v, proj and the 4x MLP (no biases, no norm weights)."""
+    d, kv = config.n_embd, config.n_kv_head * config.head_dim
+    per_layer = d * d + 2 * d * kv + d * d + 8 * d * d
+    return 2 * config.vocab_size * d + config.n_layer * per_layer
+
+
+def flops_per_token_by_hand(config) -> float:
+    non_embedding = count_params_by_hand(config) - config.vocab_size * config.n_embd
+    attn = sum(12 * config.n_head * config.head_dim * min(w, config.sequence_len) for w in config.window_sizes())
+    return float(6 * non_embedding + attn)

@@ -11,7 +11,8 @@ import torch
 from pipeline import config, estimate, plan, stages
 from gpt import common
 from trainer import base_train
-from gpt.model import GPT, GPTConfig, count_params_by_hand, flops_per_token_by_hand
+from gpt.model import GPT, GPTConfig
+from tests.helpers import count_params_by_hand, flops_per_token_by_hand
 
 # The reference pipeline the MISSION's "~4 h, ~$100" describes (RL was optional there).
 FULL_PIPELINE = [s for s in stages.ORDER if not s.startswith("rl_")]

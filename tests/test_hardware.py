@@ -109,3 +109,18 @@ def test_default_hardware_reads_nvidia_smi(monkeypatch):
         assert hardware.default_hardware() == "cpu"
     finally:
         hardware.default_hardware.cache_clear()
+
+
+@pytest.mark.parametrize("override", [None, "9.25"])
+def test_the_estimate_and_the_report_card_price_a_gpu_hour_the_same(monkeypatch, override):
+    """One run is priced once: the price setting reaches the estimate as it reaches the report card."""
+    from pipeline import config, estimate
+
+    if override is None:
+        monkeypatch.delenv(hardware.PRICE_ENV, raising=False)
+    else:
+        monkeypatch.setenv(hardware.PRICE_ENV, override)
+    est = estimate.estimate(config.resolve("speedrun"), "a800")
+    assert est["usd_per_device_hour"] == hardware.gpu_hour_price("NVIDIA A800-SXM4-80GB")
+    assert est["usd_per_device_hour"] == (1.50 if override is None else 9.25)
+    assert estimate.estimate(config.resolve("tiny"), "cpu")["usd_per_device_hour"] == 0.0  # a GPU price, not a CPU's

@@ -7,8 +7,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from tests.helpers import REPO
-from gpt.model import (GPT, CausalSelfAttention, GPTConfig, apply_rotary, build_model, count_params_by_hand,
-                           flops_per_token_by_hand, rotary_tables)
+from gpt.model import GPT, CausalSelfAttention, GPTConfig, apply_rotary, build_model, rotary_tables
+from tests.helpers import count_params_by_hand, flops_per_token_by_hand
 
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")

@@ -228,7 +228,7 @@ def train(args, ctx, events: EventWriter, stage: Stage) -> str:
                 total_flops=flops_per_token * num_iterations * args.total_batch_size,
                 data_origin=shards.origin, data_note=shards.note, peak_flops=peak)
 
-    # On CPU, compiled bf16 is ~1.6x eager (ENVIRONMENT.md) but needs a C++ compiler for inductor.
+    # On CPU, compiled bf16 was ~1.6x eager on our AMX machines (BENCHMARKS.md) but needs a C++ compiler for inductor.
     use_compile = args.compile == "yes" or (
         args.compile == "auto" and (ctx.device_type == "cuda" or (ctx.device_type == "cpu" and shutil.which("g++") is not None)))
     fwd = torch.compile(model, dynamic=False) if use_compile else model
