@@ -27,7 +27,7 @@ What each number means (ours vs a peer measured in the same run):
    repeated against a daphne and a supervisor both given REDIS_URL, where the
    supervisor's group_send wakes the consumer instead of its 0.5 s poll.
 2. pageload: a finished run whose events.jsonl holds --points metric events
-   (+ an eval every 250 steps), stored with studio.actions.ingest_events.
+   (+ an eval every 250 steps), stored with studio.ingest.ingest_events.
    Ours: time from opening the WebSocket to the snapshot message received
    (down-sampled history: bytes and metric points), median of 3; and, both in
    this process with no network, building the snapshot + json.dumps vs the
@@ -594,12 +594,12 @@ def bench_latency(studio: Studio, args) -> dict:
         ]
     print_table(f"1. event-to-page latency: metric every {WRITE_INTERVAL * 1000:.0f} ms for {args.stream_seconds:g} s; "
                 f"peer polls status.json every {POLL_PEER_SECONDS:g} s (Redis peer row: the embedded run's)", rows)
-    from studio import actions, consumers
+    from studio import consumers, supervisor
 
-    print(f"by design: the supervisor reads events.jsonl every {actions.POLL_SECONDS:g} s and the consumer polls the "
+    print(f"by design: the supervisor reads events.jsonl every {supervisor.POLL_SECONDS:g} s and the consumer polls the "
           f"database every {consumers.POLL_SECONDS:g} s (Redis wakes it instead), so about "
-          f"{(actions.POLL_SECONDS + consumers.POLL_SECONDS) / 2 * 1000:.0f} ms on average in the embedded mode and "
-          f"{actions.POLL_SECONDS / 2 * 1000:.0f} ms with Redis, plus processing")
+          f"{(supervisor.POLL_SECONDS + consumers.POLL_SECONDS) / 2 * 1000:.0f} ms on average in the embedded mode and "
+          f"{supervisor.POLL_SECONDS / 2 * 1000:.0f} ms with Redis, plus processing")
     for note in notes:
         print("note:", note)
     result["notes"] = notes
@@ -639,13 +639,13 @@ def history_run(points: int):
     from django.db import connections
     from django.utils import timezone
 
-    from studio import actions
+    from studio import ingest
     from studio.models import Run, StageRun
 
     run = create_run()
     write_history(run.run_dir, points)
     t0 = time.perf_counter()
-    actions.ingest_events(Run.objects.get(pk=run.pk))
+    ingest.ingest_events(Run.objects.get(pk=run.pk))
     ingest_s = time.perf_counter() - t0
     now = timezone.now()
     started = now - timedelta(seconds=points * 0.4)

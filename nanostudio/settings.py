@@ -276,7 +276,7 @@ else:
 #     the runs still queued again and adopts a run whose stage still runs
 #     (studio/tasks.py, on_worker_start).
 # Cancellation is ours: a DB flag polled by execute_run plus signals to the
-# stage's process group (see studio/actions.py).
+# stage's process group (studio/supervisor.py, studio/processes.py).
 NANOSTUDIO_RUN_TIMEOUT = envint("NANOSTUDIO_RUN_TIMEOUT", 7 * 24 * 3600)
 # Cancel: SIGTERM to the stage's process group, then SIGKILL after this many
 # seconds. Pause: SIGTERM and wait this long for the checkpoint to be saved.

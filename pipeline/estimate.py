@@ -30,7 +30,7 @@ import sys
 
 from pipeline import config, plan, stages as stage_table
 from pipeline import hardware as hardware_table
-from pipeline.hardware import HARDWARE, default_hardware, hardware_choices, hardware_for_gpu_name  # noqa: F401 (the studio's names)
+from pipeline.hardware import HARDWARE
 from pipeline.report import format_duration
 
 
@@ -415,7 +415,7 @@ def main(argv=None) -> int:
         cfg = config.resolve(args.preset, config.parse_overrides(args.set))
     except config.ConfigError as e:
         parser.error(str(e))
-    est = estimate(cfg, args.hardware or default_hardware())
+    est = estimate(cfg, args.hardware or hardware_table.default_hardware())
     print(json.dumps(est, indent=2) if args.json else format_table(est))
     return 0
 

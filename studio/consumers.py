@@ -46,7 +46,7 @@ from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 
 from studio import chat, protocol
-from studio.actions import run_group
+from studio.ingest import run_group
 from studio.chat import ChatError
 from studio.live import Follower
 from studio.models import Message, Run
@@ -264,7 +264,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         conv, created, question, answer = await database_sync_to_async(chat.start_exchange)(
             self.user, fields["conversation"], fields["parent"], fields["text"], fields["settings"])
         if created:
-            await self.send_json({"type": "created", "conversation": await self._json(chat.conversation_json, conv)})
+            await self.send_json({"type": "created", "conversation": await self._conversation_json(conv)})
         await self._begin(conv, question, answer)
 
     async def do_edit(self, fields):
@@ -302,12 +302,18 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         if self.job is not None:
             raise ChatError("an answer is being written: wait for it or press Stop", None)
 
-    async def _json(self, fn, *args):
-        return await database_sync_to_async(fn)(*args)
+    # The two serializers the socket sends with: synchronous code (Markdown rendering, splitting a
+    # big answer into frames, model attributes), run off the event loop like the database calls.
+
+    async def _conversation_json(self, conv) -> dict:
+        return await database_sync_to_async(chat.conversation_json)(conv)
+
+    async def _message_frames(self, kind: str, message: Message, mode: str) -> list[dict]:
+        return await database_sync_to_async(chat.message_frames)(kind, message, mode)
 
     async def _begin(self, conv, question, answer):
         for message in ([question] if question is not None else []) + [answer]:
-            for frame in await self._json(chat.message_frames, "message", message, conv.mode):
+            for frame in await self._message_frames("message", message, conv.mode):
                 await self.send_json(frame)
         await self.send_json({"type": "leaf", "conversation": conv.id, "leaf": answer.id})
         self._start_job(conv, answer)
@@ -386,7 +392,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             await self._send_quietly({"type": "error", "error": "the conversation was deleted while the answer was written",
                                       "field": "conversation"})
             return
-        for frame in await self._json(chat.message_frames, "done", message, job.mode):
+        for frame in await self._message_frames("done", message, job.mode):
             await self._send_quietly(frame)
 
     async def _pump(self, job: _Job, queue: asyncio.Queue) -> tuple:

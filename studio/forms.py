@@ -3,7 +3,9 @@
 Values are checked by pipeline.config.resolve, the same schema the CLI and the
 stage commands use, so a message reads the same everywhere. The form only
 renders the inputs (with the schema's help, min and max for the browser)
-and maps the schema's errors onto the fields.
+and maps the schema's errors onto the fields. A valid form's `resolved` is
+the configuration the run is created with: actions.create_run stores it as
+it is, without resolving it again.
 """
 
 from __future__ import annotations
@@ -76,8 +78,7 @@ class NewRunForm(forms.Form):
         super().__init__(*args, **kwargs)
         for f in config.FIELDS:
             self.fields[f.name] = form_field(f)
-        self.overrides: dict = {}
-        self.resolved: dict | None = None
+        self.resolved: dict | None = None  # the resolved configuration, once clean() accepted it
 
     def config_fields(self):
         """Bound fields of the configuration knobs, in schema order (for the template)."""
@@ -102,5 +103,4 @@ class NewRunForm(forms.Form):
                     self.add_error(field, message)
                 else:  # the preset is a hidden input: say it above the form
                     self.add_error(None, f"{field}: {message}")
-        self.overrides = overrides
         return data

@@ -3,7 +3,8 @@
 The run directory (config.json, events.jsonl, logs/, checkpoints/) is the
 source of truth; these rows are an index of it that pages can query, plus the
 state only the orchestrator knows (status, pids, exit codes, timings).
-State changes go through studio/actions.py.
+State changes go through studio/actions.py (and, while a run executes, its
+supervisor: studio/supervisor.py).
 """
 
 from __future__ import annotations
@@ -205,6 +206,11 @@ class StageRun(models.Model):
     def log_tail(self, n: int = 50) -> list[str]:
         return tail_lines(self.log_path, n)
 
+    def append_log(self, note: str) -> None:
+        """Add a `# note` line to the stage's log: what the studio did to it (waited, adopted, killed)."""
+        with open(self.log_path, "a") as f:
+            f.write(f"# {note}\n")
+
     @property
     def command_line(self) -> str:
         return shlex.join(self.argv)
@@ -243,7 +249,7 @@ class GpuLease(models.Model):
 
     Leases are rows with a unique (host, index): taking one is an INSERT that
     only one process can win. A lease whose holder process is gone is stale
-    and may be taken over (see actions.lease_gpus).
+    and may be taken over (see studio.leases.lease_gpus).
     """
 
     host = models.CharField(max_length=255)

@@ -1,9 +1,9 @@
 """Serving chat answers: a bounded pool of loaded models and the generation threads that use them.
 
-    pool = get_pool()                                  # one per event loop (daphne has one)
-    slot = await pool.acquire(user_id, key, on_position=...)   # waits fairly while every slot is busy
-    thread = start_generation(slot, request, stop, emit)      # tokens come back through emit()
-    ...                                                # the thread releases the slot when it ends
+    pool = get_pool()                                           # one per event loop (daphne has one)
+    slot = await pool.acquire(user_id, key, on_position=...)    # waits fairly while every slot is busy
+    thread = start_generation(pool, slot, request, stop, emit)  # tokens come back through emit()
+    ...                                                         # the slot goes back to the pool when it ends
 
 Slots: one per GPU of the node (NANOSTUDIO_CHAT_DEVICE=cuda, or auto with CUDA; pick them with
 NANOSTUDIO_CHAT_GPUS=6,7 to keep chat off the GPUs training uses), else NANOSTUDIO_CHAT_SLOTS

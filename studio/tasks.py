@@ -36,7 +36,7 @@ import threading
 from django.db import DatabaseError
 from django.utils import timezone
 
-from studio import actions
+from studio import actions, processes
 from studio.models import Run
 
 log = logging.getLogger(__name__)
@@ -109,7 +109,7 @@ def _recover_orphans() -> None:
 
 def cluster_started_at() -> dt.datetime:
     """When the cluster of this worker started (its sentinel, the worker's parent process)."""
-    started = actions.process_started_at(os.getppid())
+    started = processes.process_started_at(os.getppid())
     return dt.datetime.fromtimestamp(started, tz=dt.timezone.utc) if started else timezone.now()
 
 
@@ -140,7 +140,7 @@ def requeue_stranded_runs(cluster_started_at: dt.datetime) -> list[str]:
         # cluster, as it starts, enqueues runs queued before the cluster
         # started; a task its pusher had already taken is then delivered
         # twice, and the second delivery does nothing.
-        if not broker.connection.set(f"nanostudio:recovered:{actions.process_token(os.getppid())}", 1,
+        if not broker.connection.set(f"nanostudio:recovered:{processes.process_token(os.getppid())}", 1,
                                      nx=True, ex=7 * 24 * 3600):
             return []
         covered, freed = _redis_tasks(broker), {}

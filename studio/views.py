@@ -19,7 +19,7 @@ from studio.forms import NewRunForm
 from studio.live import run_state
 from studio.models import Conversation, Run
 from studio.render import markdown_html
-from pipeline import config
+from pipeline import config, estimate, hardware
 
 RUNS_PER_PAGE = 50
 COMPARE_MAX_RUNS = 8
@@ -51,21 +51,17 @@ def dashboard_row(run: Run) -> dict:
 
 
 def _hardware(request) -> str:
-    from pipeline import estimate
-
-    value = request.GET.get("hardware") or request.POST.get("hardware") or estimate.default_hardware()
-    return value if value in estimate.HARDWARE else estimate.default_hardware()
+    value = request.GET.get("hardware") or request.POST.get("hardware") or hardware.default_hardware()
+    return value if value in hardware.HARDWARE else hardware.default_hardware()
 
 
 def new_run(request):
-    from pipeline import estimate
-
     if request.method == "POST":
         form = NewRunForm(request.POST, preset=request.POST.get("preset", "tiny"))
         if form.is_valid():
             try:
-                run = actions.create_run(form.cleaned_data["preset"], form.overrides, name=form.cleaned_data["name"],
-                                         owner=request.user)
+                # The form resolved the configuration; create_run stores it as it is.
+                run = actions.create_run(form.resolved, name=form.cleaned_data["name"], owner=request.user)
             except config.ConfigError as e:  # e.g. more GPUs asked for than the node has
                 for field, message in e.errors.items():
                     form.add_error(field if field in form.fields else None, message)
@@ -78,17 +74,17 @@ def new_run(request):
         if preset not in config.PRESETS:
             preset = "tiny"
         form = NewRunForm(preset=preset)
-    hardware = _hardware(request)
+    device_kind = _hardware(request)
     initial_estimate = None
     if form.resolved or not form.is_bound:
         cfg = form.resolved or config.resolve(form["preset"].value())
-        initial_estimate = estimate.estimate(cfg, hardware)
+        initial_estimate = estimate.estimate(cfg, device_kind)
     return render(request, "studio/new_run.html", {
         "form": form,
         "presets": config.PRESETS,
         "preset": form["preset"].value(),
-        "hardware_choices": estimate.hardware_choices(),
-        "hardware": hardware,
+        "hardware_choices": hardware.hardware_choices(),
+        "hardware": device_kind,
         "estimate_url": reverse("studio:estimate"),
         "initial_estimate": initial_estimate,
     })
@@ -97,8 +93,6 @@ def new_run(request):
 @require_GET
 def estimate_json(request):
     """Parameters, FLOPs, time and cost of the form's configuration on the chosen hardware."""
-    from pipeline import estimate
-
     form = NewRunForm(request.GET, preset=request.GET.get("preset", "tiny"))
     if not form.is_valid():
         errors = {field: " ".join(str(m) for m in msgs) for field, msgs in form.errors.items()}

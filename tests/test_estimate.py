@@ -8,7 +8,7 @@ import re
 import pytest
 import torch
 
-from pipeline import config, estimate, plan, stages
+from pipeline import config, estimate, hardware as hardware_table, plan, stages
 from gpt import common
 from trainer import base_train
 from gpt.model import GPT, GPTConfig
@@ -133,17 +133,17 @@ def test_num_iterations_zero_is_warned():
 
 
 def test_hardware_peaks_match_the_trainers_mfu_table():
-    for key, hw in estimate.HARDWARE.items():
+    for key, hw in hardware_table.HARDWARE.items():
         if key != "cpu":
             assert common.peak_flops(hw.label) == hw.peak_flops, key
 
 
 def test_gpu_names_map_to_hardware_kinds():
-    assert estimate.hardware_for_gpu_name("GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-1234)") == "h100"
-    assert estimate.hardware_for_gpu_name("NVIDIA H200") == "h200"
-    assert estimate.hardware_for_gpu_name("NVIDIA A100-SXM4-80GB") == "a100"
-    assert estimate.hardware_for_gpu_name("NVIDIA GeForce GTX 1080") is None
-    assert estimate.default_hardware() in estimate.HARDWARE
+    assert hardware_table.hardware_for_gpu_name("GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-1234)") == "h100"
+    assert hardware_table.hardware_for_gpu_name("NVIDIA H200") == "h200"
+    assert hardware_table.hardware_for_gpu_name("NVIDIA A100-SXM4-80GB") == "a100"
+    assert hardware_table.hardware_for_gpu_name("NVIDIA GeForce GTX 1080") is None
+    assert hardware_table.default_hardware() in hardware_table.HARDWARE
 
 
 def test_unknown_hardware_is_refused_with_the_choices():
@@ -211,7 +211,7 @@ def render_new_run(rf, preset="speedrun", hardware="h100", initial=True):
         "form": NewRunForm(preset=preset),
         "presets": config.PRESETS,
         "preset": preset,
-        "hardware_choices": estimate.hardware_choices(),
+        "hardware_choices": hardware_table.hardware_choices(),
         "hardware": hardware,
         "estimate_url": "/runs/estimate/",
         "initial_estimate": estimate.estimate(config.resolve(preset), hardware) if initial else None,

@@ -75,8 +75,8 @@ def test_the_trainer_the_estimate_and_the_report_read_this_table(monkeypatch):
 
     monkeypatch.delenv(hardware.PRICE_ENV, raising=False)
     assert estimate.HARDWARE is hardware.HARDWARE
-    assert estimate.hardware_choices() == [(d.key, d.label) for d in hardware.DEVICES]
-    assert estimate.hardware_choices()[0] == ("cpu", "CPU (this machine)")  # the new-run page's first option
+    assert hardware.hardware_choices() == [(d.key, d.label) for d in hardware.DEVICES]
+    assert hardware.hardware_choices()[0] == ("cpu", "CPU (this machine)")  # the new-run page's first option
     for d in hardware.DEVICES[1:]:
         assert common.peak_flops(d.label) == d.peak_flops
         assert hardware.gpu_hour_price(d.label) == d.usd_per_hour

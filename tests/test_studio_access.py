@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from django.urls import reverse
 
-from studio import actions
+from studio import actions, ingest
 from studio.models import Run
 
 pytestmark = pytest.mark.django_db
@@ -98,7 +98,7 @@ def test_report_download_is_404_until_written_then_markdown(client, run):
 
 
 def test_dashboard_shows_progress_and_key_metrics_from_the_summary(client, run):
-    summary = actions.summarize({}, [
+    summary = ingest.summarize({}, [
         {"stage": "base_train", "kind": "setup", "num_iterations": 200},
         {"stage": "base_train", "kind": "metric", "step": 50, "loss": 3.25, "tok_per_sec": 5207.0},
         {"stage": "base_train", "kind": "eval", "name": "val_bpb", "step": 50, "val_bpb": 1.7521},

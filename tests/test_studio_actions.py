@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from studio import actions, tasks
+from studio import actions, ingest, tasks
 from studio.models import Run, RunEvent, StageRun
 from pipeline import config
 from pipeline.events import EventWriter
@@ -93,14 +93,14 @@ def test_execute_run_runs_stages_and_ingests_events_once(runs_dir, fake_stages):
 
     # Reading the whole file again (a crash between insert and offset update) adds nothing.
     run.events_offset = run.events_seq = 0
-    again = actions.ingest_events(run)
+    again = ingest.ingest_events(run)
     assert len(again) == 12 and RunEvent.objects.filter(run=run).count() == 12
 
 
 def test_ingest_keeps_events_with_nan_values(runs_dir):
     run = actions.create_run("tiny")
     EventWriter(run.run_dir, "tok_train").metric(step=1, loss=float("nan"))
-    actions.ingest_events(run)
+    ingest.ingest_events(run)
     assert run.events.get().data["loss"] == "nan"
 
 
@@ -109,17 +109,17 @@ def test_ingest_leaves_a_torn_last_line_for_later(runs_dir):
     EventWriter(run.run_dir, "tok_train").metric(step=1)
     with open(run.run_dir / "events.jsonl", "a") as f:
         f.write('{"kind": "metric", "st')
-    assert len(actions.ingest_events(run)) == 1
+    assert len(ingest.ingest_events(run)) == 1
     with open(run.run_dir / "events.jsonl", "a") as f:
         f.write('age": "tok_train", "step": 2}\n')
-    assert [e["step"] for e in actions.ingest_events(run)] == [2]
+    assert [e["step"] for e in ingest.ingest_events(run)] == [2]
     assert list(run.events.values_list("seq", flat=True)) == [1, 2]
 
 
 def test_a_busy_database_does_not_stop_a_stage(runs_dir, fake_stages, monkeypatch):
     from django.db import OperationalError
 
-    real_ingest, calls = actions.ingest_events, []
+    real_ingest, calls = ingest.ingest_events, []
 
     def flaky_ingest(run, on_event=None):
         calls.append(1)
@@ -127,7 +127,7 @@ def test_a_busy_database_does_not_stop_a_stage(runs_dir, fake_stages, monkeypatc
             raise OperationalError("database is locked")
         return real_ingest(run, on_event)
 
-    monkeypatch.setattr(actions, "ingest_events", flaky_ingest)
+    monkeypatch.setattr(ingest, "ingest_events", flaky_ingest)
     run = actions.execute_run(actions.create_run("tiny", TWO_STAGES))
     assert run.status == Run.Status.DONE
     assert run.events.count() == 12  # caught up on the next read

@@ -129,7 +129,7 @@ def test_run_page_follows_a_smoke_run_live_across_a_reload(manage_env, tmp_path)
 # A run with twenty training steps and two validation points, written as a stage would write them,
 # so the run and compare pages have curves to draw without training anything.
 SEED_RUN = """
-from studio import actions
+from studio import actions, ingest
 from pipeline.events import EventWriter
 run = actions.create_run("smoke", {"stages": "tok_train,base_train"}, name="csp check")
 events = EventWriter(run.run_dir, "base_train")
@@ -140,7 +140,7 @@ for step in range(1, 21):
                   mfu=1.0, peak_mem_mb=100.0, fraction=step / 20)
     if step % 10 == 0:
         events.emit("eval", name="val_bpb", step=step, val_bpb=2 - step / 100)
-actions.ingest_events(run)  # what the worker does as a stage runs: the pages read events from the database
+ingest.ingest_events(run)  # what the worker does as a stage runs: the pages read events from the database
 # A checkpoint as the chat page lists it (never loaded here), so the chat page opens its socket.
 from pipeline.checkpoints import CHECKPOINT_FILES
 step_dir = run.run_dir / "checkpoints" / "base_train" / "step_20"

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from studio import actions
+from studio import actions, ingest, leases, processes
 from studio.models import GpuLease, Run, StageRun
 from pipeline import config
 from tests.test_studio_actions import process_gone, wait_until
@@ -133,7 +133,7 @@ def test_an_interrupted_run_can_be_resumed(runs_dir):
     dead.wait()
     Run.objects.filter(pk=run.pk).update(status=Run.Status.RUNNING, supervisor_pid=dead.pid,
                                          supervisor_host=socket.gethostname(),
-                                         supervisor_token=actions.process_token(dead.pid) or f"x:{dead.pid}:0")
+                                         supervisor_token=processes.process_token(dead.pid) or f"x:{dead.pid}:0")
     run.stages.filter(name="tok_train").update(status=StageRun.Status.RUNNING)
     assert [r.pk for r in actions.reap_orphaned_runs()] == [run.pk]
     run.refresh_from_db()
@@ -141,12 +141,12 @@ def test_an_interrupted_run_can_be_resumed(runs_dir):
 
 
 def test_process_tokens_tell_a_reused_pid_from_the_original(runs_dir):
-    me = actions.process_token()
-    assert actions.token_alive(me)
+    me = processes.process_token()
+    assert processes.token_alive(me)
     boot, pid, start = me.rsplit(":", 2)
-    assert not actions.token_alive(f"{boot}:{pid}:{int(start) + 1}")  # same pid, another process
-    assert not actions.token_alive(f"another-boot:{pid}:{start}")  # the machine restarted
-    assert not actions.token_alive("garbage")
+    assert not processes.token_alive(f"{boot}:{pid}:{int(start) + 1}")  # same pid, another process
+    assert not processes.token_alive(f"another-boot:{pid}:{start}")  # the machine restarted
+    assert not processes.token_alive("garbage")
 
 
 def test_delete_removes_rows_and_the_run_directory(runs_dir, fake_stages):
@@ -180,16 +180,16 @@ def test_delete_never_removes_a_folder_that_is_not_the_runs_own(runs_dir, fake_s
 @pytest.fixture
 def four_gpus(monkeypatch):
     monkeypatch.setenv("NANOSTUDIO_GPUS", "4")
-    actions.host_gpu_count.cache_clear()
+    leases.host_gpu_count.cache_clear()
     yield 4
-    actions.host_gpu_count.cache_clear()
+    leases.host_gpu_count.cache_clear()
 
 
 def test_runs_never_share_a_gpu_and_wait_for_free_ones(runs_dir, four_gpus):
     a = actions.create_run("tiny", {**TOK_AND_BASE, "nproc_per_node": "3", "total_batch_size": str(3 * 8 * 256)})
     b = actions.create_run("tiny", {**TOK_AND_BASE, "nproc_per_node": "2", "total_batch_size": str(2 * 8 * 256)})
     stage_a, stage_b = a.stages.get(name="base_train"), b.stages.get(name="base_train")
-    assert actions.lease_gpus(a, stage_a, 3) == [0, 1, 2]
+    assert leases.lease_gpus(a, stage_a, 3) == [0, 1, 2]
 
     polls = []
 
@@ -197,12 +197,12 @@ def test_runs_never_share_a_gpu_and_wait_for_free_ones(runs_dir, four_gpus):
         polls.append(1)
         return len(polls) > 2
 
-    assert actions.lease_gpus(b, stage_b, 2, stop_check=give_up_after_two_polls) is None
+    assert leases.lease_gpus(b, stage_b, 2, stop_check=give_up_after_two_polls) is None
     stage_b.refresh_from_db()
     assert "waiting for 2 GPU(s): 3 of 4 in use by " + a.id in stage_b.note
 
-    actions.release_gpus(a, stage_a)
-    assert actions.lease_gpus(b, stage_b, 2) == [0, 1]
+    leases.release_gpus(a, stage_a)
+    assert leases.lease_gpus(b, stage_b, 2) == [0, 1]
     stage_b.refresh_from_db()
     assert stage_b.note == ""
 
@@ -213,8 +213,8 @@ def test_a_stale_lease_of_a_dead_supervisor_is_taken_over(runs_dir, four_gpus):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     GpuLease.objects.create(host=socket.gethostname(), index=2, run=a, stage="base_train",
-                            holder_token=f"{actions.process_token().split(':')[0]}:{dead.pid}:1")
-    assert actions.lease_gpus(b, b.stages.get(name="base_train"), 4) == [0, 1, 2, 3]
+                            holder_token=f"{processes.process_token().split(':')[0]}:{dead.pid}:1")
+    assert leases.lease_gpus(b, b.stages.get(name="base_train"), 4) == [0, 1, 2, 3]
 
 
 def test_gpu_stages_run_with_their_leased_devices(runs_dir, fake_stages, four_gpus):
@@ -246,9 +246,9 @@ def test_summary_tracks_progress_and_min_last_of_key_metrics():
         {"stage": "base_train", "kind": "metric", "step": 3, "loss": 4.5, "tok_per_sec": "NaN"},
         {"stage": "base_train", "kind": "eval", "name": "val_bpb", "step": 3, "val_bpb": 2.5},
     ]
-    s = actions.summarize({}, events[:3])
-    s = actions.summarize(s, events[3:])  # folding in pieces equals folding at once
-    assert s == actions.summarize({}, events)
+    s = ingest.summarize({}, events[:3])
+    s = ingest.summarize(s, events[3:])  # folding in pieces equals folding at once
+    assert s == ingest.summarize({}, events)
     assert s["progress"] == {"stage": "base_train", "step": 3, "total": 100, "fraction": 0.03}
     assert s["metrics"]["loss"]["last"] == 4.5 and s["metrics"]["loss"]["min"] == 4.0
     assert s["metrics"]["val_bpb"]["min"] == 2.0 and s["metrics"]["val_bpb"]["last"] == 2.5

@@ -10,7 +10,7 @@ from channels.db import database_sync_to_async
 from channels.routing import URLRouter
 from channels.testing import WebsocketCommunicator
 
-from studio import actions, consumers, live
+from studio import actions, consumers, ingest, live
 from studio.models import Run
 from studio.routing import websocket_urlpatterns
 from pipeline.events import EventWriter
@@ -27,7 +27,7 @@ def write_steps(run, first, last, stage="base_train"):
     events = EventWriter(run.run_dir, stage)
     for step in range(first, last + 1):
         events.metric(step=step, loss=10.0 / step, smooth_loss=10.0 / step)
-    return actions.ingest_events(Run.objects.get(pk=run.pk))
+    return ingest.ingest_events(Run.objects.get(pk=run.pk))
 
 
 def communicator(run_id, user):
@@ -203,7 +203,7 @@ def test_snapshot_of_a_long_run_is_down_sampled_but_keeps_evals_and_the_recent_t
         events.metric(step=step, loss=1.0)
         if step % 500 == 0:
             events.emit("eval", name="val_bpb", step=step, val_bpb=1.0)
-    actions.ingest_events(run)
+    ingest.ingest_events(run)
     snapshot, sampling = live.snapshot_events(run)
     metric_steps = [e["step"] for e in snapshot if e["kind"] == "metric"]
     assert len(metric_steps) < 400 and sampling["metric_total"] == 3000 and sampling["metric_stride"] == 9
@@ -216,7 +216,7 @@ def test_snapshot_of_a_long_run_is_down_sampled_but_keeps_evals_and_the_recent_t
 
 def test_snapshot_events_are_json_serialisable_even_with_nan(run):
     EventWriter(run.run_dir, "base_train").metric(step=1, loss=float("nan"))
-    actions.ingest_events(run)
+    ingest.ingest_events(run)
     snapshot, _ = live.snapshot_events(run)
     json.dumps(snapshot, allow_nan=False)
 

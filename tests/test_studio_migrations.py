@@ -31,11 +31,11 @@ def test_upgrade_numbers_old_runs_events_and_summarises_them(tmp_path):
     executor.loader.build_graph()
     executor.migrate(executor.loader.graph.leaf_nodes())
 
-    from studio import actions
+    from studio import ingest
     from studio.models import Run as NewRun
 
     run = NewRun.objects.get(pk=run_dir.name)
     assert run.events_seq == 3 and run.summary["progress"]["step"] == 2 and run.summary["metrics"]["loss"]["min"] == 1.0
     assert list(run.events.order_by("seq").values_list("step", flat=True)) == [None, 1, 2]
     events.metric(step=3, loss=0.5)  # the run goes on: the next event is numbered 4, not 1
-    assert [e["seq"] for e in actions.ingest_events(run)] == [4] and run.events.count() == 4
+    assert [e["seq"] for e in ingest.ingest_events(run)] == [4] and run.events.count() == 4

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from django.utils import timezone
 
-from studio import actions, tasks
+from studio import actions, ingest, leases, processes, supervisor, tasks
 from studio.models import GpuLease, Run, StageRun
 from tests.helpers import REPO
 from tests.servers import redis_url  # noqa: F401  (fixture)
@@ -109,11 +109,11 @@ def metric_lines(run) -> int:
 def orphan(run, proc_pid: int, started, stage="tok_train", token: str | None = None) -> int:
     """Mark `run` as running `stage` (pid `proc_pid`) under a supervisor that is gone; return its pid."""
     dead = dead_pid()
-    boot = actions.process_token().split(":")[0]
+    boot = processes.process_token().split(":")[0]
     Run.objects.filter(pk=run.pk).update(status=Run.Status.RUNNING, started_at=started, supervisor_pid=dead,
                                          supervisor_host=socket.gethostname(), supervisor_token=f"{boot}:{dead}:1")
     run.stages.filter(name=stage).update(status=StageRun.Status.RUNNING, pid=proc_pid, started_at=started,
-                                         token=actions.process_token(proc_pid) if token is None else token)
+                                         token=processes.process_token(proc_pid) if token is None else token)
     return dead
 
 
@@ -153,7 +153,7 @@ def test_a_starting_worker_adopts_a_stage_that_still_runs_and_finishes_the_run(r
     try:
         dead = orphan(run, proc.pid, started)
         wait_for(lambda: metric_lines(run) >= 3, what="a few steps")
-        actions.ingest_events(run)  # what the supervisor stored before it was killed
+        ingest.ingest_events(run)  # what the supervisor stored before it was killed
         stored = run.events.count()
         assert stored >= 3 and proc.poll() is None
 
@@ -161,7 +161,7 @@ def test_a_starting_worker_adopts_a_stage_that_still_runs_and_finishes_the_run(r
 
         run.refresh_from_db()
         assert run.status == Run.Status.DONE, run.error
-        assert run.supervisor_pid == os.getpid() and run.supervisor_token == actions.process_token()
+        assert run.supervisor_pid == os.getpid() and run.supervisor_token == processes.process_token()
         tok = run.stages.get(name="tok_train")
         assert tok.status == StageRun.Status.DONE and tok.exit_code is None  # not our child: no exit code
         assert metric_steps(run) == list(range(20))  # followed from where the dead one left: none missing, none twice
@@ -246,9 +246,9 @@ def test_a_reused_pid_is_never_adopted_nor_signalled(runs_dir, quick_stages):
     # A live process in its own session has the stage's pid, but not its start time: someone else's.
     stranger = subprocess.Popen(["sleep", "300"], start_new_session=True)
     try:
-        boot, pid, start = actions.process_token(stranger.pid).rsplit(":", 2)
+        boot, pid, start = processes.process_token(stranger.pid).rsplit(":", 2)
         orphan(run, stranger.pid, timezone.now(), token=f"{boot}:{pid}:{int(start) - 100}")
-        assert actions.adoptable_stage(run) is None
+        assert supervisor.adoptable_stage(run) is None
         tasks.on_worker_start(sender="django_q", proc_name="Process-1")
         run.refresh_from_db()
         assert run.status == Run.Status.FAILED and "interrupted" in run.error
@@ -264,14 +264,14 @@ def test_only_one_supervisor_adopts_a_run(runs_dir, quick_stages, stage_script, 
     proc, started = start_stage(run, stage_script, mode="hang")
     try:
         orphan(run, proc.pid, started)
-        checked = actions.adoptable_stage
+        checked = supervisor.adoptable_stage
 
         def another_worker_claims_it_meanwhile(r):
             stage = checked(r)
-            Run.objects.filter(pk=r.pk).update(supervisor_pid=os.getppid(), supervisor_token=actions.process_token(os.getppid()))
+            Run.objects.filter(pk=r.pk).update(supervisor_pid=os.getppid(), supervisor_token=processes.process_token(os.getppid()))
             return stage
 
-        monkeypatch.setattr(actions, "adoptable_stage", another_worker_claims_it_meanwhile)
+        monkeypatch.setattr(supervisor, "adoptable_stage", another_worker_claims_it_meanwhile)
         with pytest.raises(actions.RunNotOrphaned, match="taken over by another supervisor"):
             actions.adopt_run(run)
         run.refresh_from_db()
@@ -284,7 +284,7 @@ def test_only_one_supervisor_adopts_a_run(runs_dir, quick_stages, stage_script, 
 
 def test_gpus_of_an_orphaned_stage_stay_leased_until_it_is_adopted(runs_dir, stage_script, monkeypatch):
     monkeypatch.setenv("NANOSTUDIO_GPUS", "1")
-    actions.host_gpu_count.cache_clear()
+    leases.host_gpu_count.cache_clear()
     try:
         run = actions.create_run("tiny", TOK_AND_BASE)
         other = actions.create_run("tiny", TOK_AND_BASE)
@@ -292,18 +292,18 @@ def test_gpus_of_an_orphaned_stage_stay_leased_until_it_is_adopted(runs_dir, sta
         try:
             dead = orphan(run, proc.pid, started, stage="base_train")
             GpuLease.objects.create(host=socket.gethostname(), index=0, run=run, stage="base_train",
-                                    holder_token=f"{actions.process_token().split(':')[0]}:{dead}:1")
+                                    holder_token=f"{processes.process_token().split(':')[0]}:{dead}:1")
             polls = []
-            assert actions.lease_gpus(other, other.stages.get(name="base_train"), 1,
+            assert leases.lease_gpus(other, other.stages.get(name="base_train"), 1,
                                       stop_check=lambda: polls.append(1) or len(polls) > 2) is None  # still busy
             proc.kill()
             proc.wait()
-            assert actions.lease_gpus(other, other.stages.get(name="base_train"), 1) == [0]  # free once it ended
+            assert leases.lease_gpus(other, other.stages.get(name="base_train"), 1) == [0]  # free once it ended
         finally:
             proc.kill()
             proc.wait()
     finally:
-        actions.host_gpu_count.cache_clear()
+        leases.host_gpu_count.cache_clear()
 
 
 def test_runjob_resume_takes_over_a_run_whose_supervisor_was_killed(runs_dir, quick_stages, stage_script):
@@ -434,7 +434,7 @@ def test_redis_broker_requeues_runs_whose_tasks_were_lost_once_per_cluster(runs_
     monkeypatch.setattr("django_q.brokers.get_broker", lambda list_key=None: broker)
     monkeypatch.setattr("django_q.tasks.get_broker", lambda list_key=None: broker)
     sentinel = {"token": f"cluster-a-{time.monotonic_ns()}"}  # the marker key names the cluster's sentinel
-    monkeypatch.setattr(actions, "process_token", lambda pid=None: sentinel["token"])
+    monkeypatch.setattr(processes, "process_token", lambda pid=None: sentinel["token"])
     try:
         started = timezone.now()
         lost, waiting = (actions.create_run("tiny", TOK_AND_BASE, name=n) for n in ("lost", "waiting"))

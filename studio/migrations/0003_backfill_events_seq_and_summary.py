@@ -12,7 +12,7 @@ from django.db import migrations
 
 
 def backfill(apps, schema_editor):
-    from studio.actions import summarize
+    from studio.ingest import summarize
 
     Run = apps.get_model("studio", "Run")
     RunEvent = apps.get_model("studio", "RunEvent")

@@ -23,7 +23,7 @@ from django.core.management.base import BaseCommand, CommandError
 from django.db import connection
 from django.db.migrations.executor import MigrationExecutor
 
-from studio import actions
+from studio import actions, supervisor
 from studio.formatting import event_fields, event_lines, format_duration, format_fields
 from studio.models import Run, StageRun
 from pipeline import config
@@ -80,7 +80,7 @@ class Command(BaseCommand):
             if run is None:
                 raise CommandError(f"no run {resume!r}; `python manage.py shell -c \"from studio.models import Run; "
                                    f"print(*Run.objects.values_list('id', 'status'))\"` lists them", returncode=2)
-            adopt = run.status == Run.Status.RUNNING and run in actions.orphaned_runs()
+            adopt = run.status == Run.Status.RUNNING and run in supervisor.orphaned_runs()
             if not adopt:
                 try:
                     run = actions.resume_run(run, enqueue=False, gpus=gpus)
@@ -90,7 +90,9 @@ class Command(BaseCommand):
                     raise CommandError(f"cannot resume run {run.id}: {e}", returncode=2) from None
         else:
             try:
-                run = actions.create_run(preset, config.parse_overrides(overrides), name=name, runs_dir=runs_dir, owner=owner)
+                # Resolved once, here; create_run stores it as it is (and checks only this node's GPU count).
+                cfg = config.resolve(preset, config.parse_overrides(overrides))
+                run = actions.create_run(cfg, name=name, runs_dir=runs_dir, owner=owner)
             except config.ConfigError as e:
                 self._explain(preset, e)
                 raise CommandError("invalid configuration; nothing was run", returncode=2) from None
