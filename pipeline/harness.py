@@ -39,7 +39,6 @@ stages must not pay for torch.
 
 from __future__ import annotations
 
-import functools
 import signal
 import sys
 import threading
@@ -93,25 +92,6 @@ def _restore_handlers(saved: dict) -> None:
         # getsignal() gives None for a handler installed outside Python, which cannot be
         # put back; the default beats leaving the stage's handler (or SIG_IGN) behind.
         signal.signal(sig, signal.SIG_DFL if handler is None else handler)
-
-
-def restores_signals(main):
-    """Decorate a main() that installs SIGTERM/SIGINT handlers without a Stage: they are undone when it returns.
-
-    As a process the program exits anyway; called as a function (tests, a notebook,
-    the studio's helpers) it must not leave its handlers in the caller's process.
-    Stage does this itself; this is for entry points that do not run as one.
-    """
-
-    @functools.wraps(main)
-    def wrapper(*args, **kwargs):
-        saved = _save_handlers()
-        try:
-            return main(*args, **kwargs)
-        finally:
-            _restore_handlers(saved)
-
-    return wrapper
 
 
 class Stage:

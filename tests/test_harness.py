@@ -12,7 +12,7 @@ import pytest
 
 from pipeline.events import EventWriter, read_events
 from pipeline.harness import (CANCEL, END_STATUS_CODES, EXIT_CANCELLED, EXIT_DONE, EXIT_FAILED, EXIT_INTERRUPTED, STOP,
-                              Stage, restores_signals, teardown_distributed)
+                              Stage, teardown_distributed)
 from tests.helpers import REPO
 
 
@@ -214,17 +214,6 @@ def test_a_stage_in_another_thread_runs_without_touching_signals(tmp_path):
     t.start()
     t.join()
     assert seen == {"handler": before, "code": 0}
-
-
-def test_restores_signals_puts_back_handlers_a_main_installed(caller_handlers):
-    @restores_signals
-    def main():
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        return 7
-
-    assert main() == 7
-    assert signal.getsignal(signal.SIGTERM) is caller_handlers and signal.getsignal(signal.SIGINT) is caller_handlers
 
 
 def test_teardown_destroys_a_process_group_this_process_set_up(tmp_path):

@@ -171,8 +171,9 @@ def evaluate_bpb(model, batches, token_bytes: torch.Tensor, ctx) -> float:
     return nats.item() / (math.log(2) * nbytes.item())
 
 
-def train(args, ctx, events: EventWriter, stage: Stage) -> str:
+def train(args, ctx, stage: Stage) -> str:
     """Train to the horizon; "interrupted" if asked to stop first (stage.stop_requested), with a checkpoint saved."""
+    events = stage.events
     from gpt.data import PretrainLoader, val_batches
     from gpt.model import GPTConfig, build_model
     from gpt.optim import build_optimizer, lr_multiplier, muon_momentum, weight_decay_at
@@ -350,7 +351,7 @@ def main(argv=None):
         stage.start(EventWriter(args.run_dir, STAGE, enabled=ctx.master), args=vars(args), world_size=ctx.world_size)
         if not (Path(args.run_dir) / "tokenizer" / "tokenizer.json").exists():
             raise FileNotFoundError(f"{args.run_dir}/tokenizer/tokenizer.json not found; run the tok_train stage first")
-        stage.status = train(args, ctx, stage.events, stage)
+        stage.status = train(args, ctx, stage)
     return stage.exit_code
 
 
