@@ -306,11 +306,16 @@ def iter_training_text(paths, max_chars: int, doc_cap: int, on_progress=None, ev
 # Other datasets (evaluation and chat data), by their path in the mirror layout
 
 
-def open_text(mirror_path: str, url: str | None = None):
+def _open_maybe_gzip(path: Path):
+    return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")
+
+
+def open_text(mirror_path: str, url: str | None = None, sha256: str | None = None):
     """Open a dataset file by its path in the mirror layout (e.g. 'gsm8k/test.jsonl').
 
     Looks for the file, or its `.gz` form, in the mirror, then in the cache,
-    then downloads `url` into the cache. Returns a text file object.
+    then downloads `url` into the cache (checked against `sha256` when given).
+    Returns a text file object; a `.gz` file is decompressed wherever it came from.
     """
     candidates = []
     mirror = mirror_root()
@@ -319,12 +324,11 @@ def open_text(mirror_path: str, url: str | None = None):
         for name in (mirror_path, mirror_path + ".gz"):
             candidates.append(root / name)
             if (root / name).exists():
-                p = root / name
-                return gzip.open(p, "rt", encoding="utf-8") if p.suffix == ".gz" else open(p, encoding="utf-8")
+                return _open_maybe_gzip(root / name)
     if url:
         dest = cache_root() / "datasets" / mirror_path
-        download_file(url, dest)
-        return open(dest, encoding="utf-8")
+        download_file(url, dest, sha256=sha256)
+        return _open_maybe_gzip(dest)
     raise DatasetError(
         f"dataset file {mirror_path!r} not found; looked for: {', '.join(map(str, candidates))}. "
         f"Set {MIRROR_ENV} to a folder laid out like shared/data."

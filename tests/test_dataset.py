@@ -199,6 +199,24 @@ def test_open_text_finds_gzipped_mirror_files_and_names_what_it_looked_for(monke
         dataset.open_text("nothing/here.jsonl")
 
 
+def test_open_text_downloads_a_gzipped_file_and_returns_its_text(monkeypatch, tmp_path):
+    import gzip
+    import hashlib
+
+    body = gzip.compress(b'{"task_id": "x"}\n')
+    s = Server({"/HumanEval.jsonl.gz": body})
+    try:
+        monkeypatch.delenv(dataset.MIRROR_ENV, raising=False)
+        monkeypatch.setenv(dataset.CACHE_ENV, str(tmp_path))
+        url = s.url + "/HumanEval.jsonl.gz"
+        with dataset.open_text("humaneval/HumanEval.jsonl.gz", url, sha256=hashlib.sha256(body).hexdigest()) as f:
+            assert f.read() == '{"task_id": "x"}\n'  # text on first use, not gzip bytes
+        with dataset.open_text("humaneval/HumanEval.jsonl.gz") as f:  # and from the cache afterwards
+            assert f.read() == '{"task_id": "x"}\n'
+    finally:
+        s.close()
+
+
 def test_tokenizer_text_comes_from_every_local_shard_but_only_the_needed_downloads(monkeypatch, server, tmp_path):
     monkeypatch.setenv(dataset.MIRROR_ENV, str(mirror()))
     local = dataset.text_shards("fineweb-edu", 20_000_000)
