@@ -75,6 +75,7 @@ FIELDS: list[Field] = [
     Field("num_iterations", int, -1, "Pretraining optimizer steps; -1 derives them from the tokens-per-parameter ratio.", -1, 10**8),
     Field("eval_every", int, 250, "Validation bits-per-byte every N steps (0: only at the end).", 0, 10**8),
     Field("eval_tokens", int, 20 * 524288, "Validation tokens per evaluation.", 1, 10**11),
+    Field("core_max_per_task", int, -1, "CORE examples per task in the base model evaluation (-1: all of them).", -1, 10**7),
     Field("sample_every", int, 2000, "Sample completions of fixed prompts every N steps (0: only at the end).", 0, 10**8),
     Field("save_every", int, 1000, "Checkpoint every N steps (0: only at the end).", 0, 10**8),
     Field("data_source", str, "fineweb-edu", "Pretraining corpus: fineweb-edu or climbmix shards (or the offline mirror).",
@@ -99,7 +100,7 @@ PRESETS: dict[str, dict] = {
         "depth": 4, "max_seq_len": 256, "device_batch_size": 8, "total_batch_size": 8 * 256,
         "nproc_per_node": 1, "target_param_data_ratio": 0.6, "data_shards": 5,
         "vocab_size": 4096, "tok_max_chars": 20_000_000, "tok_doc_cap": 10_000,
-        "eval_every": 250, "eval_tokens": 131072, "sample_every": 1000, "save_every": 500,
+        "eval_every": 250, "eval_tokens": 131072, "sample_every": 1000, "save_every": 500, "core_max_per_task": 50,
     },
     # Seconds, for the studio's end-to-end browser test and a first look at the pages.
     "smoke": {
@@ -107,7 +108,7 @@ PRESETS: dict[str, dict] = {
         "depth": 2, "max_seq_len": 128, "device_batch_size": 4, "total_batch_size": 4 * 128,
         "nproc_per_node": 1, "num_iterations": 60, "data_shards": 1,
         "vocab_size": 1024, "tok_max_chars": 1_000_000, "tok_doc_cap": 5_000,
-        "eval_every": 20, "eval_tokens": 8192, "sample_every": 30, "save_every": 30,
+        "eval_every": 20, "eval_tokens": 8192, "sample_every": 30, "save_every": 30, "core_max_per_task": 4,
     },
     # The reference "$100" run: depth 20 on 8xH100, ~4 hours.
     "speedrun": {

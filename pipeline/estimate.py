@@ -50,6 +50,9 @@ TOK_TRAIN_CHARS_PER_SECOND = 50e6
 TOK_TRAIN_STARTUP_SECONDS = 5.0
 # tok_eval encodes a few MB per text domain with the run-time tokenizer (~3 MB/s/thread).
 TOK_EVAL_SECONDS = 30.0
+# A few-shot CORE prompt with its continuation, in tokens (10 shots of a short task); shorter
+# contexts crop them, so evaluation work shrinks with max_seq_len below this.
+CORE_PROMPT_TOKENS = 1024
 # Process start, torch import, NCCL setup and torch.compile's first steps (the trainer,
 # like the reference, does not count the first 10 steps in its own timing).
 STARTUP_SECONDS = {"gpu": 90.0, "cpu": 30.0}
@@ -227,8 +230,15 @@ def estimate(cfg: dict, hardware: str) -> dict:
             basis = (f"{num_iterations:,} steps at {hw.mfu:.0%} MFU; {n_evals} validations, "
                      f"{n_saves} checkpoints, start-up and compilation")
         elif stage.timing == "scaled":
-            seconds = STARTUP_SECONDS[kind] + stage.reference_seconds * (fpt / ref_fpt) * (REFERENCE_THROUGHPUT / throughput)
-            basis = f"{stage.timing_basis}; rough allowance"
+            share, basis = 1.0, f"{stage.timing_basis}; rough allowance"
+            cap = cfg.get(stage.share_field, -1) if stage.share_field else -1
+            if cap >= 0:  # e.g. at most k examples per CORE task: that share of the reference's work
+                share = min(1.0, stage.share_tasks * cap / stage.reference_items)
+                basis = f"{stage.timing_basis}, at most {cap:,} items per task ({share:.1%}); rough allowance"
+            if stage.share_field:
+                # Few-shot prompts run to ~1,000 tokens; a shorter context crops them (left-cropping).
+                share *= min(1.0, cfg["max_seq_len"] / CORE_PROMPT_TOKENS)
+            seconds = STARTUP_SECONDS[kind] + share * stage.reference_seconds * (fpt / ref_fpt) * (REFERENCE_THROUGHPUT / throughput)
         else:
             raise ValueError(f"stage {name}: unknown timing {stage.timing!r} in pipeline/stages.py")
         stages.append({"stage": name, "seconds": round(seconds, 1), "basis": basis})

@@ -15,7 +15,10 @@ evaluation stage fills that stage's column (its `report_column` in
 pipeline/stages.py: base_eval -> BASE, mid_eval -> MID, sft_eval -> SFT,
 rl_eval -> RL). The row is the event's `name` (compared case-insensitively,
 ignoring '-', '_' and spaces), the number its `value` field, else the field
-named like `name`, else `score`, else `accuracy`. Each stage's section is
+named like `name`, else `score`, else `accuracy`. An event with a `suite` (one of the
+tasks a suite score averages, e.g. CORE's arc_easy) is listed in its stage's section only,
+and a `coverage` (e.g. "18/22": a score over part of its suite) is shown beside the
+number. Each stage's section is
 titled with its `title` there, and the cost uses pipeline/hardware.py's prices.
 
 Every string that comes from events or the config is untrusted: it is escaped
@@ -326,29 +329,36 @@ def eval_value(event: dict) -> float | None:
     return None
 
 
-def summary_values(events: list[dict]) -> dict[tuple[str, str], float]:
-    """{(row key, column): value} from the eval stages; a later event overrides an earlier one."""
+def _summary_events(events: list[dict]):
+    """(row key, column, event) of the eval events that fill the summary table, in order."""
     columns = dict(stages.summary_columns())
     rows = {key for key, _ in SUMMARY_ROWS}
-    values = {}
     for e in events:
-        if e.get("kind") != "eval" or e.get("stage") not in columns:
+        if e.get("kind") != "eval" or e.get("stage") not in columns or e.get("suite"):
             continue
-        row, value = normalise_metric(e.get("name", "")), eval_value(e)
-        if row in rows and value is not None:
-            values[(row, columns[e["stage"]])] = value
-    return values
+        row = normalise_metric(e.get("name", ""))
+        if row in rows and eval_value(e) is not None:
+            yield row, columns[e["stage"]], e
+
+
+def summary_values(events: list[dict]) -> dict[tuple[str, str], float]:
+    """{(row key, column): value} from the eval stages; a later event overrides an earlier one."""
+    return {(row, column): eval_value(e) for row, column, e in _summary_events(events)}
 
 
 def summary_table(events: list[dict]) -> list[str]:
-    values = summary_values(events)
+    chosen = {(row, column): e for row, column, e in _summary_events(events)}
     columns = [column for _, column in stages.summary_columns()]
     rows = []
     for key, label in SUMMARY_ROWS:
         cells = [label]
         for column in columns:
-            value = values.get((key, column))
-            cells.append(MISSING if value is None else f"{value:.4f}")
+            e = chosen.get((key, column))
+            if e is None:
+                cells.append(MISSING)
+                continue
+            coverage = e.get("coverage")
+            cells.append(f"{eval_value(e):.4f}" + (f" ({md_text(coverage, 20)})" if isinstance(coverage, str) and coverage else ""))
         rows.append(cells)
     return table(["Metric"] + columns, rows)
 

@@ -35,6 +35,11 @@ class Stage:
     timing: str = "scaled"
     reference_seconds: float = 0.0
     timing_basis: str = ""
+    # "scaled" stages that can run a part of their reference work: the setting that caps items per
+    # task (-1 = all), the number of tasks, and the items the reference_seconds cover.
+    share_field: str | None = None
+    share_tasks: int = 1
+    reference_items: int = 0
     # (config field, command-line flag): the run configuration this stage is given. A field whose
     # value is empty text is left out (the stage's own default applies).
     flags: tuple[tuple[str, str], ...] = ()
@@ -77,7 +82,10 @@ STAGES: tuple[Stage, ...] = (
                  ("sample_every", "--sample-every"), ("save_every", "--save-every"), ("data_source", "--data-source"),
                  ("data_shards", "--num-shards"), ("data_dir", "--data-dir"))),
     Stage("base_eval", "evals.base_eval", "Base model evaluation", distributed=True, report_column="BASE",
-          reference_seconds=300.0, timing_basis="CORE (22 few-shot tasks, ~1e8 forward tokens) + bits-per-byte"),
+          reference_seconds=300.0, timing_basis="CORE (22 few-shot tasks, ~1e8 forward tokens) + bits-per-byte",
+          share_field="core_max_per_task", share_tasks=22, reference_items=91_037,  # the 22 tasks' examples
+          flags=(("core_max_per_task", "--max-per-task"), ("eval_tokens", "--eval-tokens"),
+                 ("device_batch_size", "--device-batch-size"), *_DATA)),
     Stage("mid_train", "trainer.mid_train", "Midtraining", distributed=True, resumable=True, makes_model=True,
           chat_mode="chat", reference_seconds=480.0,
           timing_basis="one epoch of the ~568K-conversation mixture (~4e8 tokens)"),

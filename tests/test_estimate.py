@@ -250,3 +250,13 @@ def test_new_run_page_renders_the_estimate_without_javascript(rf):
 def test_new_run_page_without_an_estimate_asks_for_one(rf):
     html = render_new_run(rf, initial=False)
     assert 'data-state="empty"' in html and "The estimate appears here." in html
+
+
+def test_base_eval_is_timed_by_the_share_of_core_it_runs():
+    """A capped CORE (the small presets' core_max_per_task) is a small share of the full one's allowance."""
+    def seconds(cfg):
+        return next(s["seconds"] for s in estimate.estimate(cfg, "cpu")["stages"] if s["stage"] == "base_eval")
+
+    full, capped = config.resolve("tiny", {"core_max_per_task": -1}), config.resolve("tiny", {"core_max_per_task": 50})
+    assert seconds(capped) < seconds(full) / 10
+    assert seconds(config.resolve("tiny", {"core_max_per_task": 10**6})) == seconds(full)  # no more than all of it

@@ -15,8 +15,9 @@ from tests.helpers import REPO
 MAY_IMPORT = {
     "pipeline": {"pipeline"},
     "gpt": {"gpt", "pipeline", "bpe_rust"},
-    "trainer": {"trainer", "gpt", "pipeline", "bpe_rust"},
-    "evals": {"evals", "gpt", "pipeline"},  # trainer/ holds stage commands only, and no stage imports another
+    "tasks": {"tasks", "gpt", "pipeline"},  # task datasets and their graders, shared by training and evaluation
+    "trainer": {"trainer", "tasks", "gpt", "pipeline", "bpe_rust"},
+    "evals": {"evals", "tasks", "gpt", "pipeline"},  # trainer/ holds stage commands only, and no stage imports another
     "studio": {"studio", "nanostudio", "gpt", "pipeline"},  # stages are run as commands, never imported
 }
 OURS = set(MAY_IMPORT) | {"nanostudio", "bpe_rust", "tests", "bench"}

@@ -61,6 +61,8 @@ def test_registry_entries_name_known_fields_once_and_their_modules_follow_the_la
         assert stage.timing in ("tokenizer", "tokenizer_eval", "pretrain", "scaled")
         if stage.timing == "scaled":
             assert stage.reference_seconds > 0 and stage.timing_basis, stage.name
+        if stage.share_field:
+            assert stage.share_field in config.FIELD_BY_NAME and stage.reference_items > 0, stage.name
         if stage.makes_model:
             assert stage.chat_mode in ("chat", "completion"), stage.name
         else:

@@ -119,16 +119,18 @@ def test_runjob_tiny_end_to_end(manage_env):
     assert len(runs) == 1
     run_dir = runs[0]
     for name in ("config.json", "events.jsonl", "tokenizer/tokenizer.json", "logs/tok_train.log", "logs/tok_eval.log",
-                 "logs/base_train.log", "checkpoints/base_train/step_000030/model.safetensors"):
+                 "logs/base_train.log", "checkpoints/base_train/step_000030/model.safetensors", "logs/base_eval.log",
+                 "evals/base_eval/arc_easy.jsonl"):
         assert os.path.exists(os.path.join(run_dir, name)), name
     assert "[tok_train] done in" in result.stdout and "[tok_eval] done in" in result.stdout
+    assert "[base_eval] done in" in result.stdout
 
     db = sqlite3.connect(manage_env["DATABASE_URL"].removeprefix("sqlite:///"))
     (status,) = db.execute("SELECT status FROM studio_run").fetchone()
     stages = db.execute("SELECT name, status, exit_code FROM studio_stagerun ORDER BY \"order\"").fetchall()
     kinds = {k for (k,) in db.execute("SELECT DISTINCT kind FROM studio_runevent")}
     assert status == "done"
-    assert stages == [("tok_train", "done", 0), ("tok_eval", "done", 0), ("base_train", "done", 0)]
+    assert stages == [("tok_train", "done", 0), ("tok_eval", "done", 0), ("base_train", "done", 0), ("base_eval", "done", 0)]
     assert {"stage_start", "stage_end", "eval", "metric", "sample", "checkpoint"} <= kinds
 
 

@@ -35,18 +35,11 @@ from pipeline import checkpoints
 from pipeline import dataset
 from pipeline import plan
 from gpt import checkpoint, common
+from gpt.loss_eval import evaluate_bpb, sample_completions
 from pipeline.events import EventWriter
 from pipeline.harness import STOP, Stage
 
 STAGE = "base_train"
-SAMPLE_PROMPTS = [
-    "The capital of France is",
-    "Water is made of hydrogen and",
-    "If today is Monday, then the day after tomorrow is",
-    "The opposite of cold is",
-    "Once upon a time, there was a",
-    "The largest planet in our solar system is",
-]
 
 
 def parse_args(argv=None):
@@ -147,30 +140,6 @@ def resumed_streams(saved: list[dict | None], rank: int, accum: int) -> list[dic
     return states[rank * accum:(rank + 1) * accum]
 
 
-@torch.no_grad()
-def evaluate_bpb(model, batches, token_bytes: torch.Tensor, ctx) -> float:
-    """Bits per byte on validation batches: total nats over total UTF-8 bytes of the targets.
-
-    Tokenizer-independent (unlike loss): special tokens (0 bytes, e.g. BOS as a
-    target) are left out of both sums.
-    """
-    nats = torch.zeros((), dtype=torch.float64, device=ctx.device)
-    nbytes = torch.zeros((), dtype=torch.float64, device=ctx.device)
-    for x, y in batches:
-        with ctx.autocast():
-            loss = model(x, y, loss_reduction="none").view(-1).double()
-        b = token_bytes[y.view(-1)].double()
-        counted = b > 0
-        nats += (loss * counted).sum()
-        nbytes += b.sum()
-    if ctx.distributed:
-        dist.all_reduce(nats)
-        dist.all_reduce(nbytes)
-    if nbytes.item() == 0:
-        return float("nan")
-    return nats.item() / (math.log(2) * nbytes.item())
-
-
 def train(args, ctx, stage: Stage) -> str:
     """Train to the horizon; "interrupted" if asked to stop first (stage.stop_requested), with a checkpoint saved."""
     events = stage.events
@@ -268,12 +237,7 @@ def train(args, ctx, stage: Stage) -> str:
                 events.emit("eval", name="val_bpb", step=step, val_bpb=bpb, seconds=round(time.time() - t0, 3))
             if due(args.sample_every, step) and step > 0 and ctx.master:
                 model.eval()
-                samples = []
-                for prompt in SAMPLE_PROMPTS:
-                    ids = tok.encode(prompt, prepend=tok.bos_id)
-                    with ctx.autocast():
-                        out = model.generate(ids, max_tokens=16, temperature=0.0)
-                    samples.append({"prompt": prompt, "completion": tok.decode(out)})
+                samples = sample_completions(model, tok, ctx)
                 model.train()
                 events.emit("sample", step=step, samples=samples)
             if step > last_saved and (due(args.save_every, step) or stage.stop_requested):
